@@ -1,0 +1,72 @@
+"""Prompt features: TF-IDF+SVD round trip and cache; local model2vec-style folder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moelab.errors import MoelabError
+from moelab.route.features import LocalEmbeddingFeaturizer, TfidfSvdFeaturizer, featurizer_from_state
+
+TEXTS = [f"question {i} about {'algebra' if i % 2 else 'poetry'} and word{i % 7}" for i in range(60)]
+
+
+def test_tfidf_state_round_trip_and_cache(tmp_path):
+    f = TfidfSvdFeaturizer(dim=8).fit(TEXTS)
+    x = f.transform(TEXTS[:10])
+    assert x.shape == (10, 8)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-4)
+    meta, t = f.state()
+    g = featurizer_from_state(json.loads(json.dumps(meta)), t)
+    np.testing.assert_allclose(g._transform(TEXTS[:10]), x, atol=1e-5)
+    y = f.transform(TEXTS[:10], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    np.testing.assert_array_equal(y, x)
+    h = TfidfSvdFeaturizer(dim=8).fit_cached(TEXTS, tmp_path)
+    h2 = TfidfSvdFeaturizer(dim=8).fit_cached(TEXTS, tmp_path)  # loaded from the cache
+    np.testing.assert_allclose(h2._transform(TEXTS[:5]), h._transform(TEXTS[:5]), atol=1e-6)
+
+
+def test_fast_tfidf_matches_sklearn():
+    import scipy.sparse as sp
+
+    f = TfidfSvdFeaturizer(dim=8).fit(TEXTS)
+    new = ["unseen words only zzz", "question about algebra algebra", TEXTS[3]]
+    ref = sp.hstack([v.transform(new) for v in f._vecs]).toarray() @ f.components_DV.T
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True) + 1e-8
+    np.testing.assert_allclose(f._transform(new), ref, atol=1e-5)
+
+
+def test_empty_text_is_rejected():
+    f = TfidfSvdFeaturizer(dim=4).fit(TEXTS)
+    with pytest.raises(MoelabError, match="texts\\[1\\] is empty"):
+        f.transform(["ok", ""])
+
+
+def test_model2vec_style_folder(tmp_path):
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "algebra": 1, "poetry": 2, "question": 3, "about": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    emb = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+    save_file({"embeddings": emb}, str(tmp_path / "model.safetensors"))
+    f = LocalEmbeddingFeaturizer(tmp_path)
+    x = f.transform(["question about algebra", "poetry"])
+    ref0 = emb[[3, 4, 1]].mean(0)
+    np.testing.assert_allclose(x[0], ref0 / np.linalg.norm(ref0), rtol=1e-5)
+    np.testing.assert_allclose(x[1], emb[2] / np.linalg.norm(emb[2]), rtol=1e-5)
+    meta, _ = f.state()
+    np.testing.assert_allclose(featurizer_from_state(meta, {}).transform(["poetry"]), x[1:], rtol=1e-6)
+
+
+def test_sentence_transformers_folder_when_installed(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.skip("building a tiny sentence-transformers model offline is not covered here")
+
+
+def test_local_featurizer_rejects_bad_folder(tmp_path):
+    with pytest.raises(MoelabError, match="neither a sentence-transformers"):
+        LocalEmbeddingFeaturizer(tmp_path)
