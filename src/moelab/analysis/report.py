@@ -1,0 +1,271 @@
+"""`moelab report RUN`: a self-contained HTML report of a run's routing (plus the PNGs).
+
+The HTML embeds every figure as a base64 PNG and uses no script or external resource, so it
+opens offline. Sections (their ids are stable, tests check them): ``config``, ``loss``,
+``balance``, ``load``, ``specialisation``, ``coactivation``, ``stability``, ``geometry``,
+``consistency``, ``variable_k``. Trace-based sections say why they are empty when the run could
+not be traced.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelab.analysis import metrics as M
+from moelab.analysis import plots as P
+from moelab.analysis.analyses import RunAnalysis, analyze_run
+
+SECTION_IDS = ["config", "loss", "balance", "load", "specialisation", "coactivation", "stability",
+               "geometry", "consistency", "variable_k"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #0072B2}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#eef3f8}td.l,th.l{text-align:left}img{max-width:100%;display:block;margin:.5em 0}
+.paper{color:#555;font-style:italic}.missing{color:#D55E00}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
+nav a{margin-right:1em}
+"""
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    paper: str = ""
+    body: list[str] = field(default_factory=list)  # HTML fragments
+    images: list[tuple[str, bytes, str]] = field(default_factory=list)  # (file name, png, caption)
+
+
+def _fmt(x: Any, nd: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (float, np.floating)):
+        return "–" if not np.isfinite(x) else f"{float(x):.{nd}g}"
+    return html.escape(str(x))
+
+
+def table_html(header: list[str], rows: list[list[Any]]) -> str:
+    h = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(c)}</th>' for i, c in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{_fmt(v)}</td>' for i, v in enumerate(r))
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _decoder(run_dir: Path):
+    """token id -> text, from RUN/tokenizer.json (falls back to '#id')."""
+    p = run_dir / "tokenizer.json"
+    dec = None
+    try:
+        from moelab.data.tokenizer import Tokenizer as MTok  # type: ignore
+
+        tok = MTok.load(p)
+        dec = lambda i: tok.decode([i])  # noqa: E731
+    except Exception:  # noqa: BLE001 - the data module may be absent or the file in another format
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(p))
+            dec = lambda i: tok.decode([i])  # noqa: E731
+        except Exception:  # noqa: BLE001
+            dec = None
+    return (lambda i: repr(dec(i))[1:-1] if dec else f"#{i}") if dec else (lambda i: f"#{i}")
+
+
+def _missing(ra: RunAnalysis) -> str:
+    why = ra.trace_error or "no routing trace was taken (run with tracing enabled)"
+    return f'<p class="missing">Not available: {html.escape(why)}</p>'
+
+
+def build_sections(ra: RunAnalysis) -> list[Section]:
+    secs = {sid: Section(sid, t) for sid, t in [
+        ("config", "Run configuration and parameters"), ("loss", "Loss curves"),
+        ("balance", "Balance over training"), ("load", "Expert load over training"),
+        ("specialisation", "Domain specialisation"), ("coactivation", "Expert co-activation"),
+        ("stability", "Routing stability between checkpoints"), ("geometry", "Router–expert geometry"),
+        ("consistency", "Routing consistency across tokens and layers"),
+        ("variable_k", "Experts per token"),
+    ]}
+    # ---- config
+    s = secs["config"]
+    summ = ra.summary_json or {}
+    rows = [[k, v] for k, v in summ.items() if not isinstance(v, (dict, list))]
+    if rows:
+        s.body.append("<h3>Summary</h3>" + table_html(["quantity", "value"], rows))
+    pd = summ.get("per_domain") or {}
+    if pd:
+        s.body.append(table_html(["domain", "val loss", "val ppl"],
+                                 [[d, v.get("loss"), v.get("ppl")] for d, v in pd.items()]))
+    s.body.append("<h3>Config</h3><pre>" + html.escape(json.dumps(ra.config, indent=1, default=str)) + "</pre>")
+    # ---- loss
+    s = secs["loss"]
+    if ra.metrics or ra.evals:
+        s.images.append(("loss.png", P.png_bytes(P.loss_curves(ra.metrics, ra.evals)), "Training and validation loss."))
+    else:
+        s.body.append('<p class="missing">metrics.jsonl and eval.jsonl are empty.</p>')
+    # ---- balance trajectories
+    s = secs["balance"]
+    s.paper = 'Balance tracked over training, cf. "Three Phases of Expert Routing" (Mouzouni): surge, stabilisation, relaxation.'
+    traj = ra.trajectories()
+    layer_ids = sorted({int(x["layer"]) for r in ra.metrics for x in (r.get("layers") or [])})
+    labels = {"load_max_over_mean": "max load / mean load", "load_cv": "load CV (std/mean)",
+              "dropped_frac": "dropped fraction of slots", "router_entropy": "router entropy (nats)",
+              "experts_per_token": "experts per token", "unused_experts": "unused experts",
+              "bias_norm": "aux-free bias L2 norm"}
+    for key, d in traj.items():
+        s.images.append((f"traj_{key}.png", P.png_bytes(P.trajectory(d["steps"], d["values"], layer_ids, labels[key],
+                                                                    labels[key] + " per MoE layer")), labels[key]))
+    if not traj:
+        s.body.append('<p class="missing">No per-layer routing statistics in metrics.jsonl.</p>')
+    # ---- load heatmaps
+    s = secs["load"]
+    hm = [(l, *M.load_history(ra.metrics, l)) for l in layer_ids]
+    hm = [(l, st, f) for l, st, f in hm if len(st) > 1]
+    if hm:
+        s.images.append(("load_heatmap.png", P.png_bytes(P.load_heatmaps(hm)),
+                         "Share of routed slots per expert (rows) over training (columns), per layer."))
+    else:
+        s.body.append('<p class="missing">Not enough steps with expert counts in metrics.jsonl.</p>')
+
+    traced = sorted(ra.trace_results)
+    if not traced:
+        for sid in SECTION_IDS[4:]:
+            secs[sid].body.append(_missing(ra))
+        return [secs[i] for i in SECTION_IDS]
+    last = ra.trace_results[traced[-1]]
+    step = traced[-1]
+    dec = _decoder(ra.run_dir)
+    domains = last["domains"] or ["all"]
+    L = last["layers"]
+    # ---- specialisation
+    s = secs["specialisation"]
+    s.paper = ("Specialisation score = I(expert; domain) / H(domain) over routed slots; cf. OLMoE "
+               "(Muennighoff et al., 2024) domain specialisation and Liang et al. 2025 (domain-specialised experts).")
+    s.images.append(("domain_heatmap.png", P.png_bytes(P.matrix_heatmaps(
+        [(f"layer {x['layer']} (score {_fmt(x['specialisation'], 3)})", M.domain_distribution(x["domain_counts_EN"])[:, :len(domains)])
+         for x in L], "domain", "expert", "share of domain's slots", xticklabels=domains)),
+        f"Expert x domain routing distribution at step {step} (columns sum to 1)."))
+    series = {f"step {st}": [x["specialisation"] for x in ra.trace_results[st]["layers"]] for st in traced}
+    s.images.append(("specialisation.png", P.png_bytes(P.per_layer_bars(
+        [x["layer"] for x in L], series, "normalised MI", "Specialisation score per layer", (0, 1))),
+        "Specialisation score per layer at each traced checkpoint."))
+    for x in L:
+        rows = [[f"expert {e}", int(x["counts"][e]), ", ".join(f"{dec(i)} ({c}, {sh:.0%})" for i, c, sh in tt)]
+                for e, tt in enumerate(x["top_tokens"])]
+        s.body.append(f"<h3>Layer {x['layer']}: top tokens per expert (token (count, share of its occurrences))</h3>"
+                      + table_html(["expert", "slots", "top tokens"], rows))
+    # ---- co-activation
+    s = secs["coactivation"]
+    s.paper = "Co-activation P(j | i) of experts i, j for the same token, as in OLMoE (Muennighoff et al., 2024)."
+    s.images.append(("coactivation.png", P.png_bytes(P.matrix_heatmaps(
+        [(f"layer {x['layer']}", x["coactivation_EE"]) for x in L], "expert j", "expert i", "P(j routed | i routed)",
+        vmin=0, vmax=1)), f"Expert co-activation at step {step}."))
+    # ---- stability
+    s = secs["stability"]
+    s.paper = "Router saturation as in OLMoE (Muennighoff et al., 2024): share of final-checkpoint experts already chosen."
+    if ra.stability:
+        lids = [r["layer"] for r in ra.stability[0]["layers"]]
+        xs = [r["step"] for r in ra.stability]
+        chg = {f"layer {l}": [r["layers"][j]["changed_frac"] for r in ra.stability] for j, l in enumerate(lids)}
+        sat = {f"layer {l}": [r["saturation_vs_final"][j]["saturation"] for r in ra.stability] for j, l in enumerate(lids)}
+        s.images.append(("stability_changed.png", P.png_bytes(P.series_by_step(
+            xs, chg, "checkpoint step (vs the next traced one)", "fraction of tokens", "Tokens whose expert set changed",
+            (0, 1))), "Fraction of traced tokens whose expert set changed to the next traced checkpoint."))
+        s.images.append(("stability_saturation.png", P.png_bytes(P.series_by_step(
+            xs, sat, "checkpoint step", "router saturation", f"Router saturation vs step {traced[-1]}", (0, 1))),
+            "OLMoE router saturation with respect to the last traced checkpoint."))
+        rows = [[f"{r['step']} → {r['reference_step']}", *[x["changed_frac"] for x in r["layers"]]] for r in ra.stability]
+        s.body.append(table_html(["checkpoints", *[f"layer {l} changed" for l in lids]], rows))
+    else:
+        s.body.append('<p class="missing">Needs traces of at least two checkpoints.</p>')
+    # ---- geometry
+    s = secs["geometry"]
+    s.paper = ('"Routers Learn the Geometry of Their Experts": cosine between each router row and the mean hidden '
+               "state routed to it, and between router rows.")
+    geo = [x for x in L if "geometry" in x]
+    if geo:
+        s.images.append(("geometry_router_hidden.png", P.png_bytes(P.per_expert_bars(
+            [(x["layer"], x["geometry"]["router_hidden_cos_E"]) for x in geo], "cosine", "router row vs mean routed hidden")),
+            "Cosine between each expert's router direction and the mean hidden state routed to it."))
+        s.images.append(("geometry_router_router.png", P.png_bytes(P.matrix_heatmaps(
+            [(f"layer {x['layer']}", x["geometry"]["router_router_cos_EE"]) for x in geo], "expert", "expert",
+            "cosine of router rows", vmin=-1, vmax=1)), "Cosine similarity between router directions."))
+        s.body.append(table_html(["layer", "mean cos(router, routed hidden)", "mean off-diagonal cos(router, router)"],
+                                 [[x["layer"], x["geometry"]["mean_router_hidden_cos"],
+                                   x["geometry"]["mean_offdiag_router_cos"]] for x in geo]))
+    else:
+        s.body.append('<p class="missing">The router has no single (experts x d_model) weight matrix, or hidden '
+                      "states were not captured.</p>")
+    # ---- consistency
+    s = secs["consistency"]
+    s.paper = ('Local routing consistency, "Not All Models Suit Expert Offloading" (Liang et al., 2025): SRP '
+               "(best fixed group of k experts per segment) and SCH (optimal cache of 2k experts).")
+    s.images.append(("consistency.png", P.png_bytes(P.per_layer_bars(
+        [x["layer"] for x in L], {"consecutive-token Jaccard": [x["consecutive_overlap"] for x in L],
+                                  f"SRP (segment {L[0]['srp_seg_len']})": [x["srp"] for x in L],
+                                  "SCH (cache 2k)": [x["sch"] for x in L]},
+        "score", "Local routing consistency per layer", (0, 1))), "Consistency across consecutive tokens."))
+    alc = last["adjacent_layer_consistency"]
+    if len(alc):
+        s.body.append("<h3>Across adjacent layers</h3>" + table_html(
+            ["layers", "NMI(top-1 expert at l; at l+1)"],
+            [[f"{L[i]['layer']} → {L[i + 1]['layer']}", v] for i, v in enumerate(alc)]))
+    # ---- variable k
+    s = secs["variable_k"]
+    s.paper = 'Cf. "Harder Tasks Need More Experts: Dynamic Routing in MoE Models" (top-p routing).'
+    s.images.append(("experts_per_token_hist.png", P.png_bytes(P.per_expert_bars(
+        [(x["layer"], np.asarray(x["experts_per_token_hist"], float) / max(1, int(np.sum(x["experts_per_token_hist"]))))
+         for x in L], "share of tokens", "experts per token", xlabel="experts used by the token")),
+        "Distribution of the number of experts per token (x axis: number of experts)."))
+    evl = [(x["layer"], x["experts_vs_loss"]) for x in L if "experts_vs_loss" in x]
+    if evl:
+        s.images.append(("experts_vs_loss.png", P.png_bytes(P.experts_vs_loss(evl)),
+                         "Mean token loss by number of experts used (variable-k routing)."))
+    else:
+        s.body.append("<p>Every token used the same number of experts (fixed k): no loss relation to show.</p>")
+    return [secs[i] for i in SECTION_IDS]
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><nav>"
+             + "".join(f"<a href='#{s.id}'>{html.escape(s.title)}</a>" for s in sections) + "</nav>"]
+    for s in sections:
+        parts.append(f"<section id='{s.id}'><h2>{html.escape(s.title)}</h2>")
+        if s.paper:
+            parts.append(f"<p class='paper'>{html.escape(s.paper)}</p>")
+        for name, png, cap in s.images:
+            b64 = base64.b64encode(png).decode()
+            parts.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(cap)}' "
+                         f"data-file='{html.escape(name)}'><figcaption>{html.escape(cap)}</figcaption></figure>")
+        parts.extend(s.body)
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, analysis: RunAnalysis | None = None,
+                 **analyze_kw: Any) -> Path:
+    """Analyse ``run_dir`` (unless ``analysis`` is given) and write ``report.html`` plus the PNGs.
+
+    Output goes to ``out_dir`` (default ``RUN/report``). Returns the HTML path.
+    """
+    run_dir = Path(run_dir)
+    ra = analysis if analysis is not None else analyze_run(run_dir, **analyze_kw)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sections = build_sections(ra)
+    for s in sections:
+        for name, png, _ in s.images:
+            (out / name).write_bytes(png)
+    page = out / "report.html"
+    page.write_text(render_html(f"moelab routing report: {run_dir.name}", sections))
+    return page

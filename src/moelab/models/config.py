@@ -1,0 +1,90 @@
+"""Typed configuration of the decoder-only MoE transformer (a plain, serialisable dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from moelab.errors import MoelabError, check_range
+from moelab.layers.config import MoEConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A LLaMA-style decoder whose feed-forward blocks are dense SwiGLU or MoE layers.
+
+    Which blocks are MoE: ``moe_layers`` is ``"all"``, ``"none"``, an int ``n`` (every n-th
+    block: blocks n-1, 2n-1, ...; ``1`` = all) or a list of block indices; then the first
+    ``first_k_dense`` blocks are forced dense (DeepSeekMoE's dense first layers).
+    ``moe.d_model`` is ignored: the MoE layers always get this config's ``d_model``
+    (see :meth:`layer_moe_config`).
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    d_ff_dense: int = 512  # hidden size of the dense SwiGLU FFN blocks
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe_layers: str | int | list[int] = "all"
+    first_k_dense: int = 0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    # ------------------------------------------------------------------ helpers
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the blocks whose FFN is an MoE layer."""
+        spec = self.moe_layers
+        if spec == "all":
+            idx = list(range(self.n_layers))
+        elif spec == "none":
+            idx = []
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            idx = [i for i in range(self.n_layers) if (i + 1) % spec == 0]
+        elif isinstance(spec, list):
+            idx = sorted(set(int(i) for i in spec))
+        else:
+            raise MoelabError(
+                f"model.moe_layers={spec!r} is not valid; choose one of: 'all', 'none', "
+                "an int n (every n-th layer), a list of layer indices"
+            )
+        return [i for i in idx if i >= self.first_k_dense]
+
+    def layer_moe_config(self) -> MoEConfig:
+        """The MoE layers' config, with ``d_model`` taken from the model."""
+        return replace(self.moe, d_model=self.d_model)
+
+    def validate(self) -> "ModelConfig":
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_dense"):
+            check_range(f"model.{name}", getattr(self, name), low=1)
+        check_range("model.first_k_dense", self.first_k_dense, low=0)
+        check_range("model.init_std", self.init_std, low=0.0, low_inclusive=False)
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise MoelabError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} "
+                "with an even head size (RoPE rotates pairs)"
+            )
+        spec = self.moe_layers
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            check_range("model.moe_layers", spec, low=1)
+        elif isinstance(spec, list):
+            for i in spec:
+                check_range("model.moe_layers[i]", int(i), low=0, high=self.n_layers - 1)
+        self.moe_layer_indices()  # raises on an invalid spec
+        if self.moe_layer_indices():
+            check_range("moe.num_experts", self.moe.num_experts, low=1)
+            check_range("moe.k", self.moe.k, low=1, high=self.moe.num_experts)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if isinstance(d.get("moe"), dict):
+            d["moe"] = MoEConfig.from_dict(d["moe"])
+        return cls(**d)

@@ -1,0 +1,273 @@
+"""A LLaMA-style decoder-only transformer whose FFN blocks are dense SwiGLU or MoE layers.
+
+Read top to bottom: RMSNorm -> RoPE -> Attention -> DenseFFN -> Block -> MoETransformer.
+
+Architecture (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"):
+pre-norm residual blocks with RMSNorm (Zhang & Sennrich 2019), rotary position embeddings
+(Su et al. 2021, "RoFormer"), causal multi-head attention through
+``F.scaled_dot_product_attention`` and SwiGLU feed-forward blocks (Shazeer 2020, "GLU Variants
+Improve Transformer"). Each block's FFN is either dense or a ``moelab.layers.moe.MoELayer``
+(chosen by ``ModelConfig.moe_layers`` / ``first_k_dense``), as in Mixtral and DeepSeekMoE.
+
+Initialisation (our choice, documented): embeddings and every linear weight ~ N(0, init_std);
+the two residual-output projections of each block (attention ``o_proj`` and the dense FFN's
+``w_down``) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2's scaled residual init); RMSNorm
+weights 1. MoE layers initialise themselves (``MoEConfig.init_std``). With
+``tie_embeddings`` the output head reuses the embedding matrix.
+
+CPU speed choices: fused QKV projection, fused gate/up projection, ``F.rms_norm``, RoPE applied
+to q and k in one op, no dtype casts in the forward (autocast decides).
+
+Shape legend: B batch, L sequence length, D model dim, H heads, Dh head dim, V vocab, T = B*L
+tokens, F FFN hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.layers.config import MoEConfig
+from moelab.layers.routing import RoutingContext
+from moelab.models.config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    """``loss`` = ``lm_loss`` + ``aux_loss`` in value; its gradient is that of the full objective.
+
+    The balance losses reach the gradient through the autograd function each MoE layer attaches
+    to its output, so ``loss`` adds ``aux_loss`` *detached* (for reporting only): backpropagating
+    ``loss`` never counts the balance losses twice. ``aux_loss`` is the sum of every MoE
+    layer's ``last_aux`` values.
+    """
+
+    logits: Tensor
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): x / rms(x) * weight, no centring."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """RoFormer's rotation angles, laid out for the rotate-half form: cos/sin ``[L, Dh]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles_LH = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles_LDh = torch.cat([angles_LH, angles_LH], dim=-1)
+    return angles_LDh.cos().float(), angles_LDh.sin().float()
+
+
+def apply_rope(x: Tensor, cos_LDh: Tensor, sin_LDh: Tensor) -> Tensor:
+    """Rotate pairs (i, i + Dh/2) of the last dim by position-dependent angles (rotate-half form)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos_LDh + rotated * sin_LDh
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary embeddings and a fused QKV projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        qkv_3BHLDh = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk_2BHLDh = apply_rope(qkv_3BHLDh[:2], cos_LDh[:L], sin_LDh[:L])
+        y_BHLDh = F.scaled_dot_product_attention(qk_2BHLDh[0], qk_2BHLDh[1], qkv_3BHLDh[2], is_causal=True)
+        return self.o_proj(y_BHLDh.transpose(1, 2).reshape(B, L, D))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward block: w_down(silu(x w_gate) * (x w_up)), gate and up fused."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+def _default_moe_factory(cfg: MoEConfig) -> nn.Module:
+    from moelab.layers.moe import MoELayer  # imported lazily: the layer lives in moelab.layers
+
+    return MoELayer(cfg)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, moe: nn.Module | None) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = moe is not None
+        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff_dense)
+
+    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, ctx: RoutingContext) -> Tensor:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LDh, sin_LDh)
+        h_BLD = self.ffn_norm(x_BLD)
+        if self.is_moe:
+            B, L, D = h_BLD.shape
+            y = self.ffn(h_BLD.reshape(B * L, D), replace(ctx, layer_index=self.layer_index))
+            return x_BLD + y.view(B, L, D)
+        return x_BLD + self.ffn(h_BLD)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only language model; see the module docstring.
+
+    ``moe_factory(cfg: MoEConfig) -> nn.Module`` builds each MoE layer (default:
+    ``moelab.layers.moe.MoELayer``); it is the seam for custom layers and test stand-ins.
+    """
+
+    def __init__(self, cfg: ModelConfig, moe_factory: Callable[[MoEConfig], nn.Module] | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        factory = moe_factory or _default_moe_factory
+        moe_idx = set(cfg.moe_layer_indices())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, factory(cfg.layer_moe_config()) if i in moe_idx else None) for i in range(cfg.n_layers)
+        )
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The documented init (module docstring); MoE layers keep their own init."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.o_proj.weight, std=out_std)
+            block.attn_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+            if not block.is_moe:
+                nn.init.normal_(block.ffn.w_gate_up.weight, std=std)
+                nn.init.normal_(block.ffn.w_down.weight, std=out_std)
+        self.final_norm.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------ structure
+    def moe_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """Yield ``(block index, MoE layer)`` for every MoE block."""
+        for block in self.blocks:
+            if block.is_moe:
+                yield block.layer_index, block.ffn
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: ``total`` and ``active`` (used per token: routed experts count k/E).
+
+        Routed-expert parameters are those of each MoE layer's ``experts`` submodule; a token
+        uses ``k`` of its ``num_experts`` experts (the nominal k for variable-k routers).
+        Embedding and output head are included in both counts (tied: counted once).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for _, layer in self.moe_layers():
+            experts = getattr(layer, "experts", None)
+            if experts is None:
+                continue
+            routed = sum(p.numel() for p in experts.parameters())
+            mcfg = self.cfg.moe
+            inactive += routed - routed * mcfg.k // mcfg.num_experts
+        embedding = self.embed.weight.numel()
+        return {"total": total, "active": total - inactive, "embedding": embedding}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids_BL: Tensor, labels_BL: Tensor | None = None, valid_BL: Tensor | None = None) -> ModelOutput:
+        """Logits for every position; with ``labels_BL`` (already shifted: the target of position
+        l is ``labels_BL[:, l]``) also the mean next-token cross-entropy over positions where
+        ``valid_BL`` is True and the label is not -100."""
+        B, L = input_ids_BL.shape
+        if L > self.cfg.max_seq_len:
+            from moelab.errors import MoelabError
+
+            raise MoelabError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        ctx = RoutingContext(
+            valid_T=None if valid_BL is None else valid_BL.reshape(-1),
+            batch_shape=(B, L),
+            token_ids_T=input_ids_BL.reshape(-1),
+            state={},
+        )
+        x_BLD = self.embed(input_ids_BL)
+        for block in self.blocks:
+            x_BLD = block(x_BLD, self.rope_cos, self.rope_sin, ctx)
+        h_BLD = self.final_norm(x_BLD)
+        weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BLV = F.linear(h_BLD, weight_VD)
+        if labels_BL is None:
+            return ModelOutput(logits=logits_BLV)
+        targets_BL = labels_BL if valid_BL is None else labels_BL.masked_fill(~valid_BL.bool(), -100)
+        lm_loss = F.cross_entropy(logits_BLV.reshape(B * L, -1).float(), targets_BL.reshape(-1), ignore_index=-100)
+        aux_loss = self.last_aux_loss(lm_loss)
+        return ModelOutput(logits=logits_BLV, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+
+    def last_aux_loss(self, like: Tensor) -> Tensor:
+        """Sum of every MoE layer's ``last_aux`` values of the last forward (detached, reporting only)."""
+        total = torch.zeros((), dtype=torch.float32, device=like.device)
+        for _, layer in self.moe_layers():
+            for value in (getattr(layer, "last_aux", None) or {}).values():
+                total = total + value.detach().float()
+        return total
+
+    @torch.no_grad()
+    def generate(self, input_ids_BL: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 eos_id: int | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``input_ids_BL`` (no KV cache: the context, cut to
+        ``max_seq_len``, is re-run each step). ``temperature == 0`` is greedy; ``top_k`` keeps the k
+        most likely tokens; stops early when every row produced ``eos_id``."""
+        ids_BL = input_ids_BL
+        done_B = torch.zeros(ids_BL.shape[0], dtype=torch.bool, device=ids_BL.device)
+        for _ in range(max_new_tokens):
+            logits_BV = self(ids_BL[:, -self.cfg.max_seq_len:]).logits[:, -1].float()
+            if temperature == 0:
+                next_B = logits_BV.argmax(-1)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k is not None and top_k < logits_BV.shape[-1]:
+                    kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+                probs_BV = torch.softmax(logits_BV, dim=-1)
+                next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+            ids_BL = torch.cat([ids_BL, next_B[:, None]], dim=1)
+            if eos_id is not None:
+                done_B |= next_B == eos_id
+                if bool(done_B.all()):
+                    break
+        return ids_BL

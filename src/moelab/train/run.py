@@ -1,0 +1,55 @@
+"""Reading a run directory back: ``load_run(run_dir, step=None) -> LoadedRun``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelab.data.tokenizer import Tokenizer
+from moelab.errors import MoelabError
+from moelab.models.transformer import MoETransformer
+from moelab.train import checkpoint as ckpt
+from moelab.train.config import RunConfig
+from moelab.train.trainer import CKPT_DIR, CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE
+
+
+@dataclass
+class LoadedRun:
+    """A trained model (eval mode, CPU unless ``device`` was given) with its config and tokenizer."""
+
+    model: MoETransformer
+    config: RunConfig
+    tokenizer: Tokenizer
+    step: int
+    run_dir: Path
+
+    def summary(self) -> dict[str, Any]:
+        p = self.run_dir / SUMMARY_FILE
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        raise MoelabError(f"run_dir={str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    return RunConfig.from_dict(json.loads(p.read_text()))
+
+
+def load_run(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load the checkpoint ``step`` (None: the newest) of ``run_dir``; the weights' sha256 is verified."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    tok_path = run_dir / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise MoelabError(f"run_dir={str(run_dir)!r} has no {TOKENIZER_FILE}")
+    tokenizer = Tokenizer.load(tok_path)
+    path = ckpt.find_checkpoint(run_dir / CKPT_DIR, step)
+    model_sd, _, state = ckpt.read_checkpoint(path, with_optimizer=False)
+    model = MoETransformer(config.model)
+    model.load_state_dict(model_sd)
+    model.to(device).eval()
+    return LoadedRun(model=model, config=config, tokenizer=tokenizer, step=int(state["step"]), run_dir=run_dir)

@@ -1,0 +1,159 @@
+"""Reports and comparisons rendered from a short real training run (plus CLI and bad input)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moelab.analysis import analyze_run, compare_runs, write_comparison, write_report
+from moelab.analysis.report import SECTION_IDS
+from moelab.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def report(micro_run, tmp_path_factory):
+    """The full report of the micro run (two traced checkpoints), rendered once for the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        from analysis_helpers import install_tiny_moe
+
+        install_tiny_moe(mp)
+        ra = analyze_run(micro_run, num_windows=6)
+    out = tmp_path_factory.mktemp("report")
+    return ra, write_report(micro_run, out, analysis=ra)
+
+
+def test_analysis_of_the_micro_run(report):
+    ra, _ = report
+    assert sorted(ra.traces) == [4, 8]
+    assert ra.trace_error is None
+    s = json.loads((ra.run_dir / "analysis" / "analysis.json").read_text())
+    assert s["traced_steps"] == [4, 8]
+    lay = s["analyses"]["8"]["layers"]
+    assert [x["layer"] for x in lay] == [0, 1]
+    for x in lay:
+        assert x["experts_per_token_mean"] == 2.0
+        assert 0.0 <= x["specialisation"] <= 1.0
+        assert -1.0 <= x["router_hidden_cos"] <= 1.0
+    st = s["stability"][0]
+    assert st["step"] == 4 and st["reference_step"] == 8
+    assert all(0.0 <= r["changed_frac"] <= 1.0 for r in st["layers"])
+    assert (ra.run_dir / "analysis" / "trace_step_000004.safetensors").is_file()
+
+
+def test_report_has_every_section_and_image(report):
+    ra, page = report
+    text = page.read_text()
+    for sid in SECTION_IDS:
+        assert f"<section id='{sid}'>" in text, sid
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    embedded = sorted(re.findall(r"data-file='([^']+)'", text))
+    assert pngs == embedded
+    expected = {"loss.png", "traj_load_cv.png", "load_heatmap.png", "domain_heatmap.png", "specialisation.png",
+                "coactivation.png", "stability_changed.png", "stability_saturation.png",
+                "geometry_router_hidden.png", "geometry_router_router.png", "consistency.png",
+                "experts_per_token_hist.png"}
+    assert expected <= set(pngs)
+    for p in page.parent.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # self-contained: no scripts, no external resources
+    assert "<script" not in text and not re.search(r"(src|href)=['\"]https?:", text)
+    assert text.count("data:image/png;base64,") == len(pngs)
+    assert "params_active" in text  # parameter counts from summary.json
+    assert "Not available" not in text
+
+
+def test_report_html_is_well_formed(report):
+    from html.parser import HTMLParser
+
+    _, page = report
+    void = {"meta", "img", "br", "hr", "link", "input"}
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in void:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack[-1] == tag, (tag, self.stack[-3:])
+            self.stack.pop()
+
+    c = Checker()
+    c.feed(page.read_text())
+    assert c.stack == []
+
+
+def test_report_headless_browser(report):
+    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+    _, page = report
+    r = subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "<section id=\"variable_k\">" in r.stdout or "<section id='variable_k'>" in r.stdout
+
+
+def test_report_without_traces_says_why(micro_run, tmp_path, capsys):
+    assert main(["report", str(micro_run), "--no-trace", "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.html").read_text()
+    for sid in SECTION_IDS:
+        assert f"<section id='{sid}'>" in text
+    assert text.count("Not available") == len(SECTION_IDS) - 4
+
+
+def _fake_copy(src: Path, dst: Path, **summary) -> Path:
+    dst.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "eval.jsonl", "summary.json"):
+        shutil.copy(src / name, dst / name)
+    s = json.loads((dst / "summary.json").read_text())
+    s.update(summary)
+    (dst / "summary.json").write_text(json.dumps(s))
+    return dst
+
+
+def test_compare_runs(micro_run, tmp_path):
+    other = _fake_copy(micro_run, tmp_path / "other", val_loss=1.5, val_ppl=4.48, params_active=123)
+    bare = tmp_path / "bare"  # no summary: values fall back to eval.jsonl / metrics.jsonl
+    bare.mkdir()
+    for name in ("config.json", "metrics.jsonl", "eval.jsonl"):
+        shutil.copy(micro_run / name, bare / name)
+    comp = compare_runs([micro_run, other, bare])
+    rows = {r.name: r for r in comp.rows}
+    assert rows["other"].val_loss == 1.5 and rows["other"].params_active == 123
+    summary = json.loads((micro_run / "summary.json").read_text())
+    assert rows[micro_run.name].load_cv == pytest.approx(summary["load_cv"])
+    last_layers = json.loads((micro_run / "metrics.jsonl").read_text().splitlines()[-1])["layers"]
+    assert rows["bare"].load_cv == pytest.approx(sum(x["load_cv"] for x in last_layers) / len(last_layers))
+    last_eval = json.loads((micro_run / "eval.jsonl").read_text().splitlines()[-1])
+    assert rows["bare"].val_loss == pytest.approx(last_eval["val_loss"])
+    assert rows["bare"].tokens_per_s is not None and rows["bare"].params_active is None
+    md = comp.to_markdown()
+    lines = md.splitlines()
+    assert len(lines) == 2 + 3
+    assert "code loss" in lines[0] and "prose ppl" in lines[0] and "tokens/s" in lines[0]
+    page, md2 = write_comparison([micro_run, other], tmp_path / "cmp")
+    html = page.read_text()
+    assert "<section id='table'>" in html and html.count("data:image/png;base64,") == 3
+    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == md2.strip()
+
+
+def test_cli(micro_run, tmp_path, capsys, tiny_moe):
+    assert main(["analyze", str(micro_run), "--steps", "8", "--windows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert '"traced_steps": [\n  8\n ]' in out
+    assert main(["compare", str(micro_run), str(micro_run), "--out", str(tmp_path / "cmp")]) == 0
+    assert "| run |" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert main(["analyze", str(empty)]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
