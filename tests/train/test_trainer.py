@@ -44,6 +44,7 @@ def test_trains_and_writes_run_dir(micro, tmp_path):
     summary_disk = json.loads((run / "summary.json").read_text())
     assert summary_disk["val_loss"] == pytest.approx(ev["val_loss"]) == pytest.approx(summary["val_loss"])
     assert summary["params_active"] < summary["params_total"]
+    assert summary_disk["eval_step"] == 20  # the step the reported val loss was measured at
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [20]
 
 

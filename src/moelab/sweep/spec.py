@@ -30,6 +30,9 @@ from typing import Any
 from moelab.errors import MoelabError
 
 SPEC_KEYS = {"name", "preset", "seeds", "base", "axes", "variants", "exclude", "fairness", "description"}
+# [fairness] table: relative tolerance on active parameters per token (max/min - 1) and an
+# explicit opt-out of every fairness check (``--allow-unfair`` on the command line).
+FAIRNESS_KEYS = {"active_param_tolerance": 0.05, "allow_unfair": False}
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,20 @@ class SweepSpec:
     def check(self) -> None:
         if not self.seeds:
             raise MoelabError("seeds is empty: a sweep needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise MoelabError(f"seeds={self.seeds!r} has duplicates; give distinct seeds")
+        for name, part in (("base", self.base), ("axes", self.axes), ("fairness", self.fairness)):
+            if not isinstance(part, dict):
+                raise MoelabError(f"sweep spec '{name}' must be a table/mapping, got {type(part).__name__}")
+        unknown = set(self.fairness) - set(FAIRNESS_KEYS)
+        if unknown:
+            raise MoelabError(f"unknown fairness key(s) {sorted(unknown)}; valid keys: {sorted(FAIRNESS_KEYS)}")
+        tol = self.fairness.get("active_param_tolerance", 0.05)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise MoelabError(f"fairness.active_param_tolerance={tol!r} is not valid; expected a number >= 0")
+        for key in ("train.seed",):
+            if key in self.all_keys():
+                raise MoelabError(f"{key!r} is set by 'seeds'; remove it from base/axes/variants")
         for key, values in self.axes.items():
             if not isinstance(values, list) or not values:
                 raise MoelabError(f"axis {key!r} must be a non-empty list of values (got {values!r})")
@@ -100,10 +117,22 @@ class SweepSpec:
             raise MoelabError(f"sweep {self.name!r} expands to an empty grid (everything excluded?)")
 
     def all_keys(self) -> set[str]:
+        """Every config key the spec sets (base, axes, variants, exclusions)."""
         keys = set(self.base) | set(self.axes)
         for v in self.variants:
             keys |= {k for k in v if k != "name"}
+        for ex in self.exclude:
+            keys |= set(ex)
         return keys
+
+    def fairness_setting(self, key: str) -> Any:
+        return self.fairness.get(key, FAIRNESS_KEYS[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "preset": self.preset, "seeds": list(self.seeds), "base": dict(self.base),
+                "axes": {k: list(v) for k, v in self.axes.items()}, "variants": [dict(v) for v in self.variants],
+                "exclude": [dict(e) for e in self.exclude], "fairness": dict(self.fairness),
+                "description": self.description}
 
     def expand(self) -> list[RunSpec]:
         grid_keys = list(self.axes)

@@ -231,7 +231,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         result = evaluate(fwd, data.tokens["val"], tokenizer, data.splits.domains, seq_len=cfg.data.seq_len,
                           batch_size=tcfg.eval_batch_size or tcfg.batch_size, max_batches=tcfg.eval_max_batches,
                           device=device, dtype=tcfg.dtype, cache_dir=cfg.data.cache_dir)
-        evals.write({"step": at_step, **result})
+        result = {"step": at_step, **result}
+        evals.write(result)
         bar.write(f"eval step {at_step}: val_loss={result['val_loss']:.4f} val_ppl={result['val_ppl']:.2f}")
         return result
 

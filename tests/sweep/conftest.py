@@ -1,0 +1,35 @@
+import random
+from pathlib import Path
+
+import pytest
+
+
+def write_corpus(root: Path, docs_per_domain: int = 10, words: int = 100, seed: int = 0) -> Path:
+    """Two domains of synthetic text (letter words, number words) as a folder corpus."""
+    rng = random.Random(seed)
+    vocab = {"alpha": ["ab", "cd", "efg", "hij", "kl", "mno"], "beta": ["12", "345", "6", "78", "90"]}
+    for dom, ws in vocab.items():
+        (root / dom).mkdir(parents=True, exist_ok=True)
+        for i in range(docs_per_domain):
+            (root / dom / f"doc{i}.txt").write_text(" ".join(rng.choice(ws) for _ in range(words)) + "\n")
+    return root
+
+
+def micro_base(tmp_path: Path, steps: int = 8, ckpt_every: int = 4) -> dict:
+    """Dotted overrides turning the tiny preset into a micro model on a local byte-level corpus."""
+    corpus = write_corpus(tmp_path / "corpus")
+    return {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 16,
+        "model.d_ff_dense": 64, "model.vocab_size": 259,
+        "moe.d_ff": 32, "moe.num_experts": 4, "moe.k": 2,
+        "data.source": str(corpus), "data.tokenizer": "byte", "data.seq_len": 16, "data.val_fraction": 0.25,
+        "data.test_fraction": 0.1, "data.cache_dir": str(tmp_path / "cache"),
+        "train.steps": steps, "train.batch_size": 4, "train.lr": 1e-2, "train.warmup_steps": 2,
+        "train.eval_every": 0, "train.eval_max_batches": 2, "train.ckpt_every": ckpt_every, "train.keep_last": 2,
+        "train.log_every": 4, "train.threads": 1, "train.device": "cpu",
+    }
+
+
+@pytest.fixture
+def micro(tmp_path):
+    return lambda **kw: micro_base(tmp_path, **kw)
