@@ -45,9 +45,15 @@ def test_routers_preset_has_every_router():
     assert {r.group for r in spec.expand()} == set(ROUTERS.names()) and spec.seeds == [0, 1, 2]
 
 
-def test_pool_preset_is_not_available_yet():
-    with pytest.raises(MoelabError, match="not available yet"):
-        sweep_preset("pool")
+def test_pool_preset_builds_unipool_runs_from_the_layout_keys():
+    from moelab.sweep.runner import build_run_config
+
+    spec = sweep_preset("pool")
+    runs = {r.group: build_run_config(spec, r) for r in spec.expand() if r.seed == 0}
+    assert set(runs) == {"vanilla", "unipool-100", "unipool-66.7", "unipool-50"}
+    assert runs["vanilla"].model.layout.kind == "per_layer"
+    assert [runs[g].model.layout.pool_fraction for g in ("unipool-100", "unipool-66.7", "unipool-50")] == [1.0, 2 / 3, 0.5]
+    assert runs["unipool-50"].model.layout.kind == "shared_pool" and runs["unipool-50"].model.moe.router == "norm"
     with pytest.raises(MoelabError, match="choose one of"):
         sweep_preset("nope")
     assert set(SWEEP_PRESETS) == {"routers", "balancing", "pool", "equifinality", "dense-vs-moe"}

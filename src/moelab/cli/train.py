@@ -47,6 +47,7 @@ def _keys_help() -> str:
 
     walk(cfg.model, "model.")
     walk(cfg.model.moe, "moe.")
+    walk(cfg.model.layout, "layout.")
     walk(cfg.data, "data.")
     walk(cfg.train, "train.")
     return "\n".join(lines)
@@ -57,7 +58,7 @@ config overrides (applied after --preset and --config, in order):
   --SECTION.FIELD VALUE or SECTION.FIELD=VALUE, values parsed by the field's type
   (bool: true/false; none/null for optional fields; dict and list fields as JSON,
   e.g. --moe.router_kwargs '{"p": 0.5}' --model.moe_layers '[1, 3]').
-  "moe." is short for "model.moe.". Keys (type, default of a bare RunConfig;
+  "moe." is short for "model.moe.", "layout." for "model.layout.". Keys (type, default of a bare RunConfig;
   the presets change some, `moelab info RUN` shows a run's values):
 """
 
@@ -244,7 +245,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     p = Path(args.run) / SUMMARY_FILE
     summary = json.loads(p.read_text()) if p.is_file() else {}
     if args.json:
-        print(json.dumps({"config": cfg.to_dict(), "params": counts, "summary": summary}, indent=2))
+        from moelab.layers.pool import layout_report
+
+        m = cfg.model
+        layout = layout_report(m.layout, m.layer_moe_config(), m.moe_layer_indices(), m.d_model)
+        print(json.dumps({"config": cfg.to_dict(), "params": counts, "layout": layout, "summary": summary}, indent=2))
         return 0
     m, moe = cfg.model, cfg.model.moe
     print(f"run: {args.run}")
@@ -257,6 +262,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     t = cfg.train
     print(f"train: steps={t.steps} batch_size={t.batch_size} grad_accum={t.grad_accum} lr={t.lr} seed={t.seed}")
     print(f"parameters: total {counts['total']:,}, active per token {counts['active']:,}")
+    print(format_layout(cfg.model))
     if summary:
         print(format_metrics(summary))
     else:
@@ -290,6 +296,24 @@ def format_metrics(s: dict[str, Any]) -> str:
         ("parameters", f"{s.get('params_total', 0):,}", f"{s.get('params_active', 0):,} active per token"),
     ]
     return _table(["metric", "value", "note"], rows)
+
+
+def format_layout(m) -> str:
+    """The expert layout and its routed-expert parameters next to the matched vanilla model's."""
+    from moelab.layers.pool import layout_report
+
+    lay = m.layout
+    r = layout_report(lay, m.layer_moe_config(), m.moe_layer_indices(), m.d_model)
+    extra = ""
+    if lay.kind == "shared_pool":
+        extra = (f" pools={lay.n_pools} private_experts={lay.private_experts} pool_loss={lay.pool_loss_mode}"
+                 f" (coef {lay.pool_loss_coef})")
+    elif lay.kind == "rexmoe":
+        extra = f" radius={lay.rexmoe_radius}"
+    return (f"layout: {lay.kind} schedule={lay.schedule} router_sharing={lay.router_sharing}{extra}; "
+            f"experts per layer {r['experts_per_layer']}, k {r['k_per_layer']}, banks {r['banks']}\n"
+            f"expert parameters: {r['routed']:,} ({r['routed_experts']} experts) vs {r['vanilla_routed']:,} "
+            f"for the matched vanilla model ({r['vanilla_experts']} experts): {100 * r['fraction']:.1f}%")
 
 
 def format_summary(s: dict[str, Any], cfg, run_dir, wall_s: float | None = None) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from moelab.errors import MoelabError, check_range
 from moelab.layers.config import MoEConfig
+from moelab.layers.layouts import LayoutConfig, plan_layout
 
 
 @dataclass(kw_only=True)
@@ -18,6 +19,10 @@ class ModelConfig:
     ``first_k_dense`` blocks are forced dense (DeepSeekMoE's dense first layers).
     ``moe.d_model`` is ignored: the MoE layers always get this config's ``d_model``
     (see :meth:`layer_moe_config`).
+
+    How routed experts are laid out across depth (per-layer experts, a UniPool shared pool,
+    ReXMoE reuse, DynaMoE expert-count schedules, shared routers): ``layout``
+    (:class:`moelab.layers.layouts.LayoutConfig`; the default is vanilla per-layer MoE).
     """
 
     vocab_size: int = 8192
@@ -29,6 +34,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     moe_layers: str | int | list[int] = "all"
     first_k_dense: int = 0
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -77,6 +83,7 @@ class ModelConfig:
         if self.moe_layer_indices():
             check_range("moe.num_experts", self.moe.num_experts, low=1)
             check_range("moe.k", self.moe.k, low=1, high=self.moe.num_experts)
+        plan_layout(self.layout, self.moe.num_experts, self.moe.k, self.moe_layer_indices())  # raises on a bad layout
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,4 +94,6 @@ class ModelConfig:
         d = dict(d)
         if isinstance(d.get("moe"), dict):
             d["moe"] = MoEConfig.from_dict(d["moe"])
+        if isinstance(d.get("layout"), dict):
+            d["layout"] = LayoutConfig.from_dict(d["layout"])
         return cls(**d)

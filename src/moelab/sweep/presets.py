@@ -14,7 +14,8 @@ every run; only ``train.seed`` varies across seeds.
   the router z-loss, the auxiliary-loss-free bias, and the online k-means router -- the comparison
   of Ahrac, Hochwald & Geva 2026, "Routers Learn the Geometry of Their Experts" (arXiv:2605.12476).
 * ``pool``: vanilla MoE vs UniPool at 100%, 66.7% and 50% of the expert budget (Huang et al. 2026,
-  "UniPool"). Not available yet: the shared-pool layout keys do not exist; asking for it raises.
+  "UniPool"; ``layout.kind=shared_pool``, ``layout.pool_fraction``, NormRouter, pool-level loss).
+  Active parameters are equal up to the routers (each UniPool router scores the whole pool).
 * ``equifinality``: linear top-k vs cosine-routing variants vs hash vs random-fixed routing
   (Ternovtsii & Bilak 2026, "Equifinality in Mixture of Experts", arXiv:2604.14419: cosine variants
   equivalent within 1 PPL by TOST; hash/random lose 1.1-2.2 PPL), 3 seeds. The paper's cosine
@@ -99,8 +100,18 @@ def balancing_spec(seeds: list[int] | None = None) -> dict[str, Any]:
 
 
 def pool_spec(seeds: list[int] | None = None) -> dict[str, Any]:
-    raise MoelabError("sweep preset 'pool' is not available yet: it needs the UniPool shared-pool layout "
-                      "config keys, which moelab does not have yet; choose another preset")
+    # UniPool: per-layer NormRouters over one shared pool, balanced by the pool-level loss (lagged)
+    unipool = {"moe.router": "norm", "moe.aux_loss": "none", "layout.kind": "shared_pool",
+               "layout.pool_loss_coef": 0.01, "layout.pool_loss_mode": "lagged"}
+    return {"name": "pool", "preset": "tiny", "seeds": seeds or [0, 1, 2], "base": dict(BUDGET),
+            "variants": [
+                {"name": "vanilla", "moe.aux_loss": "switch"},
+                {"name": "unipool-100", **unipool, "layout.pool_fraction": 1.0},
+                {"name": "unipool-66.7", **unipool, "layout.pool_fraction": 2 / 3},
+                {"name": "unipool-50", **unipool, "layout.pool_fraction": 0.5},
+            ],
+            "description": "vanilla per-layer MoE vs a UniPool shared expert pool at 100%, 66.7% and 50% of "
+                           "the vanilla expert budget (Huang et al. 2026)"}
 
 
 def equifinality_spec(seeds: list[int] | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ``RunConfig(model: ModelConfig (with its MoEConfig), data: DataConfig, train: TrainConfig)``.
 It is saved in every run directory as ``config.json``, can be loaded from TOML/YAML/JSON files and
 overridden with dotted keys (``moe.router=sigmoid_topk``, ``train.steps=100``; ``moe.`` is short
-for ``model.moe.``). Values are parsed by the field's type; dict and list fields take JSON.
+for ``model.moe.``, ``layout.`` for ``model.layout.``). Values are parsed by the field's type; dict and list fields take JSON.
 """
 
 from __future__ import annotations
@@ -164,11 +164,11 @@ _SECTIONS = ("model", "data", "train")
 def _resolve(cfg: RunConfig, key: str) -> tuple[Any, str]:
     """The dataclass holding dotted ``key`` and the field name in it (``moe.`` = ``model.moe.``)."""
     parts = key.split(".")
-    if parts[0] == "moe":
+    if parts[0] in ("moe", "layout"):
         parts = ["model", *parts]
     if parts[0] not in _SECTIONS or len(parts) < 2:
         raise MoelabError(
-            f"config key {key!r} is not valid; keys are SECTION.FIELD with SECTION one of: model, moe, data, train"
+            f"config key {key!r} is not valid; keys are SECTION.FIELD with SECTION one of: model, moe, data, train, layout"
         )
     obj: Any = cfg
     for i, name in enumerate(parts[:-1]):
@@ -307,7 +307,7 @@ def config_keys(cfg: RunConfig | None = None) -> list[str]:
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             if dataclasses.is_dataclass(v):
-                walk(v, "moe." if f.name == "moe" else f"{prefix}{f.name}.")
+                walk(v, f"{f.name}." if f.name in ("moe", "layout") else f"{prefix}{f.name}.")
             else:
                 out.append(f"{prefix}{f.name}")
 

@@ -1,4 +1,6 @@
-"""Named starting configurations: ``tiny`` (CPU demo), ``small`` and ``base``.
+"""Named starting configurations: ``tiny`` (CPU demo), ``small`` and ``base``; layout variants of
+``tiny`` at its token budget: ``tiny-unipool-100``/``-66``/``-50`` (UniPool shared pool at 100%, 66.7%,
+50% of the vanilla expert budget) and ``tiny-dynamoe`` (DynaMoE descending expert schedule).
 
 ``tiny`` is tuned to reach a meaningful loss in about three minutes on two CPU cores on the
 embedded corpus (stdlib code + pydoc prose, each domain capped so tokenisation stays quick).
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from moelab.data.corpus import DataConfig
 from moelab.errors import check_choice
 from moelab.layers.config import MoEConfig
+from moelab.layers.layouts import LayoutConfig
 from moelab.models.config import ModelConfig
 from moelab.train.config import RunConfig, TrainConfig
 
@@ -48,7 +51,31 @@ def base() -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "base": base}
+def tiny_unipool(fraction: float) -> RunConfig:
+    """``tiny`` as UniPool (Huang et al. 2026): one pool of ``fraction`` x 32 experts (4 MoE layers x 8)
+    shared by per-layer NormRouters, balanced by the pool-level loss (lagged, coef 0.01) instead of
+    the per-layer Switch loss. Same k, data, steps and tokens as ``tiny``."""
+    cfg = tiny()
+    cfg.model.moe.router, cfg.model.moe.aux_loss = "norm", "none"
+    cfg.model.layout = LayoutConfig(kind="shared_pool", pool_fraction=fraction, pool_loss_coef=0.01)
+    return cfg
+
+
+def tiny_dynamoe() -> RunConfig:
+    """``tiny`` with DynaMoE's descending expert schedule (best for its tiny LM): 12, 9, 7, 4 experts
+    over the 4 MoE layers, the same 32-expert budget and k=2 everywhere."""
+    cfg = tiny()
+    cfg.model.layout = LayoutConfig(kind="per_layer", schedule="descending")
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "tiny": tiny, "small": small, "base": base,
+    "tiny-unipool-100": lambda: tiny_unipool(1.0),
+    "tiny-unipool-66": lambda: tiny_unipool(2 / 3),
+    "tiny-unipool-50": lambda: tiny_unipool(0.5),
+    "tiny-dynamoe": tiny_dynamoe,
+}
 
 
 def preset(name: str) -> RunConfig:
