@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/moelab demo
 
+# Tests use tiny tensors: one BLAS/OpenMP thread is faster and immune to the spin-wait slowdown
+# that several threads suffer when the cores are shared (seen: 50 s vs 7 min under load).
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
