@@ -1,18 +1,16 @@
-import random
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))  # train_micro
+
+from train_micro import write_corpus as _write_corpus  # noqa: E402
+
 
 def write_corpus(root: Path, docs_per_domain: int = 10, words: int = 100, seed: int = 0) -> Path:
     """Two domains of synthetic text (letter words, number words) as a folder corpus."""
-    rng = random.Random(seed)
-    vocab = {"alpha": ["ab", "cd", "efg", "hij", "kl", "mno"], "beta": ["12", "345", "6", "78", "90"]}
-    for dom, ws in vocab.items():
-        (root / dom).mkdir(parents=True, exist_ok=True)
-        for i in range(docs_per_domain):
-            (root / dom / f"doc{i}.txt").write_text(" ".join(rng.choice(ws) for _ in range(words)) + "\n")
-    return root
+    return _write_corpus(root, docs_per_domain=docs_per_domain, words=words, seed=seed)
 
 
 def micro_base(tmp_path: Path, steps: int = 8, ckpt_every: int = 4) -> dict:

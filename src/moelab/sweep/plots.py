@@ -72,14 +72,7 @@ def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
                 ax.plot(xs, ys, label=g.group, linewidth=1.3, marker="o" if xs.size < 8 else None, markersize=3,
                         **_style(i))
                 drawn += 1
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        if drawn:
-            _legend(ax)
-            figs.append((fname, _png(fig), title))
-        else:
-            plt.close(fig)
+        _finish(figs, fig, ax, fname, "training step", ylabel, title, drawn)
 
     # quality vs active compute, quality vs balance
     for xkey, fname, xlabel, title in (
@@ -99,12 +92,17 @@ def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
                         yerr=None if yerr is None else [yerr], marker=MARKERS[i % len(MARKERS)],
                         color=OKABE_ITO[i % len(OKABE_ITO)], linestyle="none", capsize=3, label=g.group)
             drawn += 1
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric_label)
-        ax.set_title(title)
-        if drawn:
-            _legend(ax)
-            figs.append((fname, _png(fig), title))
-        else:
-            plt.close(fig)
+        _finish(figs, fig, ax, fname, xlabel, metric_label, title, drawn)
     return figs
+
+
+def _finish(figs: list, fig, ax, fname: str, xlabel: str, ylabel: str, title: str, drawn: int) -> None:
+    """Label the axes; keep the figure (as PNG) if anything was drawn, else close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if drawn:
+        _legend(ax)
+        figs.append((fname, _png(fig), title))
+    else:
+        plt.close(fig)
