@@ -39,6 +39,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Per-block MoE overrides: {"3": {"num_experts": 6}} gives block 3 its own MoEConfig fields
+    # (pruned/merged/grown models, per-layer routers). Keys are block indices as strings (JSON).
+    layer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layer_overrides = {str(k): dict(v) for k, v in (self.layer_overrides or {}).items()}
 
     # ------------------------------------------------------------------ helpers
     def moe_layer_indices(self) -> list[int]:
@@ -59,9 +65,12 @@ class ModelConfig:
             )
         return [i for i in idx if i >= self.first_k_dense]
 
-    def layer_moe_config(self) -> MoEConfig:
-        """The MoE layers' config, with ``d_model`` taken from the model."""
-        return replace(self.moe, d_model=self.d_model)
+    def layer_moe_config(self, index: int | None = None) -> MoEConfig:
+        """The MoE config of block ``index`` (None: the shared base), ``d_model`` taken from the
+        model and ``layer_overrides[str(index)]`` applied on top."""
+        cfg = replace(self.moe, d_model=self.d_model)
+        over = self.layer_overrides.get(str(index)) if index is not None else None
+        return replace(cfg, **over) if over else cfg
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_dense"):
@@ -84,7 +93,25 @@ class ModelConfig:
             check_range("moe.num_experts", self.moe.num_experts, low=1)
             check_range("moe.k", self.moe.k, low=1, high=self.moe.num_experts)
         plan_layout(self.layout, self.moe.num_experts, self.moe.k, self.moe_layer_indices())  # raises on a bad layout
+        self._validate_overrides()
         return self
+
+    def _validate_overrides(self) -> None:
+        from dataclasses import fields
+
+        valid = {f.name for f in fields(MoEConfig)} - {"d_model"}
+        moe_idx = set(self.moe_layer_indices())
+        for key, over in self.layer_overrides.items():
+            if not str(key).isdigit() or int(key) not in moe_idx:
+                raise MoelabError(f"model.layer_overrides key {key!r} is not an MoE block; MoE blocks: {sorted(moe_idx)}")
+            bad = sorted(set(over) - valid)
+            if bad:
+                raise MoelabError(f"model.layer_overrides[{key!r}] has unknown fields {bad}; valid: {sorted(valid)}")
+            if over and not self.layout.is_vanilla():
+                raise MoelabError("model.layer_overrides needs the vanilla layout (model.layout.kind='per_layer')")
+            c = self.layer_moe_config(int(key))
+            check_range(f"model.layer_overrides[{key!r}].num_experts", c.num_experts, low=1)
+            check_range(f"model.layer_overrides[{key!r}].k", c.k, low=1, high=c.num_experts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

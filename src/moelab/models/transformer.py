@@ -210,7 +210,7 @@ class MoETransformer(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg, i, moe.get(i)) for i in range(cfg.n_layers))
         else:
             self.blocks = nn.ModuleList(
-                Block(cfg, i, factory(cfg.layer_moe_config()) if i in moe_idx else None) for i in range(cfg.n_layers)
+                Block(cfg, i, factory(cfg.layer_moe_config(i)) if i in moe_idx else None) for i in range(cfg.n_layers)
             )
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
