@@ -106,6 +106,45 @@ def sequence_aux_loss(probs_BLE: Tensor, counts_BE: Tensor, valid_BL: Tensor | N
     return (loss_B * used_B).sum() / used_B.sum().clamp_min(1.0)
 
 
+def unipool_switch_loss(scores_TE: Tensor, counts_E: Tensor, k: int, valid_T: Tensor | None = None,
+                        count_tokens: float | Tensor | None = None) -> Tensor:
+    """UniPool's form of the Switch loss (NormRouter in UniPool's Megatron-LM code): raw scores.
+
+    Megatron's ``switch_load_balancing_loss_func(probs=scores, tokens_per_expert=c, T, topk=k, E)``
+    ``= E / (k T^2) * sum_i c_i * sum_t s_ti``, i.e. ``E * sum_i (c_i / (k T)) * (sum_t s_ti / T)``
+    with the router's *raw* scores ``s`` (for NormRouter: ``scale * ReLU(z / ||z||)``, not
+    renormalised per token), so the loss is not 1.0 at balance and its gradient reaches every
+    factor of the scores (NormRouter's learnable ``norm_scale`` included). ``T`` = real tokens;
+    ``count_tokens`` = the real tokens ``counts_E`` come from (default ``T``; the global-batch
+    loss passes the step's tokens so far). No host synchronisation.
+    """
+    E = scores_TE.shape[-1]
+    s_TE = scores_TE.float()
+    if valid_T is None:
+        n = torch.tensor(float(s_TE.shape[0]), device=s_TE.device)
+    else:
+        w_T = valid_T.to(s_TE.dtype)
+        s_TE, n = s_TE * w_T[:, None], w_T.sum()
+    n_c = n if count_tokens is None else torch.as_tensor(count_tokens, dtype=torch.float32, device=s_TE.device)
+    f_E = counts_E.detach().to(device=s_TE.device, dtype=torch.float32) / (k * n_c).clamp_min(1.0)
+    return E * (f_E * s_TE.sum(0)).sum() / n.clamp_min(1.0)
+
+
+def unipool_sequence_loss(scores_BLE: Tensor, counts_BE: Tensor, k: int, valid_BL: Tensor | None = None) -> Tensor:
+    """Megatron's ``seq_aux_loss`` in UniPool's form: :func:`unipool_switch_loss` per sequence, averaged
+    over the sequences that have real tokens."""
+    B, L, E = scores_BLE.shape
+    if valid_BL is None:
+        valid_BL = torch.ones(B, L, dtype=torch.bool, device=scores_BLE.device)
+    w_BL = valid_BL.to(torch.float32)
+    n_B = w_BL.sum(1)
+    s_BE = (scores_BLE.float() * w_BL[..., None]).sum(1)
+    f_BE = counts_BE.detach().to(device=s_BE.device, dtype=torch.float32) / (k * n_B).clamp_min(1.0)[:, None]
+    loss_B = E * (f_BE * s_BE).sum(1) / n_B.clamp_min(1.0)
+    used_B = (n_B > 0).to(loss_B.dtype)
+    return (loss_B * used_B).sum() / used_B.sum().clamp_min(1.0)
+
+
 def global_aux_value(count_sum_E: Tensor, prob_sum_E: Tensor, num_tokens: float | Tensor) -> Tensor:
     """The global-batch balance loss from sums accumulated over micro-batches (no gradient).
 
@@ -308,6 +347,11 @@ def balance_losses(
     once ``f`` is complete. The exact, split-invariant value of the step is
     ``accumulator.value()`` (:func:`global_aux_value`). Outside training (or with grad disabled)
     nothing is accumulated and the loss is the micro-batch Switch loss.
+
+    Routings with ``loss_form == "unipool"`` (NormRouter's default) use UniPool's form of each loss
+    (:func:`unipool_switch_loss`, :func:`unipool_sequence_loss`; global: ``f`` from the step's
+    accumulated counts over ``k`` times its accumulated tokens, Megatron's averaged counts when
+    micro-batches have equal sizes); z-loss is the same in both forms.
     """
     check_choice("aux_loss", cfg.aux_loss, AUX_LOSSES)
     out: dict[str, Tensor] = {}
@@ -318,32 +362,42 @@ def balance_losses(
                 f"aux_loss={cfg.aux_loss!r} needs router probabilities (routing.probs_TE is None); "
                 "use aux_loss='none' with this router"
             )
-        probs_TE = routing.probs_TE
-        if cfg.aux_loss == "switch":
-            loss = switch_aux_loss(probs_TE, routing_counts(routing, valid_T), valid_T)
-        elif cfg.aux_loss == "sequence":
-            if ctx is None or ctx.batch_shape is None:
-                raise MoelabError("aux_loss='sequence' needs ctx.batch_shape=(B, L); got None")
-            B, L = ctx.batch_shape
-            if B * L != routing.num_tokens:
-                raise MoelabError(f"ctx.batch_shape={ctx.batch_shape} does not match T={routing.num_tokens}")
-            counts_BE = sequence_counts_BE(routing, (B, L), valid_T)
-            valid_BL = None if valid_T is None else valid_T.view(B, L)
-            loss = sequence_aux_loss(probs_TE.view(B, L, -1), counts_BE, valid_BL)
-        else:  # global
-            if accumulator is None:
-                raise MoelabError(
-                    "aux_loss='global' needs accumulator=router.global_load (or router.balance_losses())"
-                )
-            if accumulator.accumulating():  # the router already added this micro-batch
-                counts_E = accumulator.count_E
-            else:
-                counts_E = routing_counts(routing, valid_T)
-            loss = switch_aux_loss(probs_TE, counts_E, valid_T)
-        out["aux_loss"] = cfg.aux_loss_coef * loss
+        out["aux_loss"] = cfg.aux_loss_coef * _aux_loss(routing, cfg, ctx, valid_T, accumulator)
     if cfg.z_loss_coef != 0.0 and routing.logits_TE is not None:
         out["z_loss"] = cfg.z_loss_coef * z_loss(routing.logits_TE, valid_T)
     return out
+
+
+def _aux_loss(routing: "RoutingResult", cfg: "MoEConfig", ctx: "RoutingContext | None", valid_T: Tensor | None,
+              accumulator: GlobalLoadAccumulator | None) -> Tensor:
+    """The ``cfg.aux_loss`` loss (no coefficient) in the routing's ``loss_form``."""
+    probs_TE, unipool, k = routing.probs_TE, routing.loss_form == "unipool", cfg.k
+    if cfg.aux_loss == "switch":
+        counts_E = routing_counts(routing, valid_T)
+        if unipool:
+            return unipool_switch_loss(probs_TE, counts_E, k, valid_T)
+        return switch_aux_loss(probs_TE, counts_E, valid_T)
+    if cfg.aux_loss == "sequence":
+        if ctx is None or ctx.batch_shape is None:
+            raise MoelabError("aux_loss='sequence' needs ctx.batch_shape=(B, L); got None")
+        B, L = ctx.batch_shape
+        if B * L != routing.num_tokens:
+            raise MoelabError(f"ctx.batch_shape={ctx.batch_shape} does not match T={routing.num_tokens}")
+        counts_BE = sequence_counts_BE(routing, (B, L), valid_T)
+        valid_BL = None if valid_T is None else valid_T.view(B, L)
+        if unipool:
+            return unipool_sequence_loss(probs_TE.view(B, L, -1), counts_BE, k, valid_BL)
+        return sequence_aux_loss(probs_TE.view(B, L, -1), counts_BE, valid_BL)
+    if accumulator is None:  # global
+        raise MoelabError("aux_loss='global' needs accumulator=router.global_load (or router.balance_losses())")
+    count_tokens = None
+    if accumulator.accumulating():  # the router already added this micro-batch
+        counts_E, count_tokens = accumulator.count_E, accumulator.tokens
+    else:
+        counts_E = routing_counts(routing, valid_T)
+    if unipool:
+        return unipool_switch_loss(probs_TE, counts_E, k, valid_T, count_tokens)
+    return switch_aux_loss(probs_TE, counts_E, valid_T)
 
 
 def routing_counts(routing: "RoutingResult", valid_T: Tensor | None) -> Tensor:

@@ -108,7 +108,7 @@ def expert_params(d_model: int, d_ff: int, activation: str = "swiglu") -> int:
 
 # =========================================================================== layout configuration
 LAYOUT_KINDS = ("per_layer", "shared_pool", "rexmoe")
-POOL_LOSS_MODES = ("lagged", "exact")
+POOL_LOSS_MODES = ("lagged_micro", "lagged", "exact")
 SCHEDULE_K_MODES = ("fixed", "proportional")
 ROUTER_SHARING = ("none", "omni", "decision")
 
@@ -130,9 +130,10 @@ class LayoutConfig:
                         layer l chooses among the experts of MoE layers l-r..l+r (r = ``rexmoe_radius``).
                         r = 0 is vanilla MoE expressed inside one bank (the oracle of the tests).
     ``pool_loss_coef`` / ``pool_loss_mode``: UniPool's pool-level balance loss over every bank that
-    several layers share (``lagged``, the default and UniPool's choice: each layer's term uses the
-    pool counts of the previous optimizer step; ``exact``: same-step counts, computed once all the
-    pool's layers ran). Per-layer balance (``moe.aux_loss``) is applied as well, as configured.
+    several layers share (``lagged_micro``, the default and what UniPool's code does: each layer's
+    term uses the pool counts of the previous training micro-batch; ``lagged``: the counts of the
+    previous optimizer step, all its micro-batches; ``exact``: same-micro-batch counts, computed
+    once all the pool's layers ran). Per-layer balance (``moe.aux_loss``) is applied as well.
     ``schedule``/``expert_budget``/``schedule_k``: DynaMoE expert-count schedules (per_layer and
     rexmoe); ``schedule_k="proportional"`` scales k with the layer's experts (at least 1).
     ``router_sharing``: ``omni`` (Omni-Router, Gu et al. 2025: one router's weights shared by all
@@ -146,7 +147,7 @@ class LayoutConfig:
     n_pools: int = 1
     private_experts: int = 0
     pool_loss_coef: float = 0.01
-    pool_loss_mode: str = "lagged"
+    pool_loss_mode: str = "lagged_micro"
     schedule: str = "uniform"
     expert_budget: int | None = None
     schedule_k: str = "fixed"

@@ -68,6 +68,7 @@ def _detach_routing(r: RoutingResult) -> RoutingResult:
         num_tokens=r.num_tokens, num_experts=r.num_experts, logits_TE=d(r.logits_TE),
         probs_TE=d(r.probs_TE), k=r.k, keep_S=d(r.keep_S), selection_bias_E=d(r.selection_bias_E),
         valid_T=d(r.valid_T), aux_losses={n: v.detach() for n, v in r.aux_losses.items()}, causal=r.causal,
+        loss_form=r.loss_form,
     )
 
 
@@ -113,6 +114,12 @@ class MoELayer(nn.Module):
         self.last_routing: RoutingResult | None = None
         self.last_aux: dict[str, Tensor] = {}
         self.last_stats: dict[str, Any] = {}
+
+    @property
+    def block_residual(self) -> bool:
+        """Whether the transformer block adds its residual to this layer's output (False for a
+        router whose output already is the new residual stream: Chain-of-Experts ``residual="inner"``)."""
+        return bool(getattr(self.router, "block_residual", True))
 
     def route(self, x_TD: Tensor, ctx: RoutingContext | None) -> RoutingResult:
         routing = self.router(x_TD, ctx)

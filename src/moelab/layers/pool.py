@@ -38,7 +38,14 @@ starved across layers scores > 1 even when each layer looks balanced over the ex
 slots actually routed so that variable-k routers such as NormRouter also give 1.0 at balance.)
 :class:`PoolBalance` implements two modes (``layout.pool_loss_mode``):
 
-* ``lagged`` (default): UniPool computes the pool loss "one step behind" to avoid cross-layer
+* ``lagged_micro`` (default): what UniPool's code does (``PoolAuxLossAccumulator`` in its
+  Megatron-LM ``moe_utils.py``): as ``lagged`` below, but ``f_prev`` is the pool's slot counts of
+  the *previous training micro-batch* (all member layers of the last completed forward), rolled
+  over when the pool's deepest layer has run. Under gradient accumulation the second micro-batch
+  of a step therefore uses the first's counts (and the first uses the last one of the previous
+  step). The counts are checkpointed (``mb_prev_count_N``; checkpoints written before this mode
+  existed load with zeros, i.e. a term of 0 on the first micro-batch after resume).
+* ``lagged``: the pool loss "one optimizer step behind", to avoid cross-layer
   tensor dependencies. Layer l's term is ``coef * N * sum_j f_prev_j * p_lj / n_layers`` with
   ``f_prev`` the pool's slot fractions of the *previous optimizer step* (all layers, all
   micro-batches; a buffer, no gradient) and ``p_lj`` this layer's mean renormalised probability
@@ -55,7 +62,13 @@ slots actually routed so that variable-k routers such as NormRouter also give 1.
   keeps every layer's router graph alive until the last layer and needs the model's shared
   ``RoutingContext`` (a layer called alone sees only itself).
 
-Lagged is the default because it is what UniPool does and it is local (no cross-layer graph,
+**Loss form.** For routings with ``loss_form == "unipool"`` (NormRouter's default) the pool
+term is UniPool's exactly: the router's raw scores (not renormalised, restricted to the pool's
+columns) and ``f_j = counts_j / (k * T)`` (Megatron's ``switch_load_balancing_loss_func``
+normalisation), so the loss is not 1.0 at balance and NormRouter's learnable ``norm_scale`` gets
+its gradient. Other routings use the normalised form above (1.0 at balance).
+
+The lagged modes are the default because they are what UniPool does and they are local (no cross-layer graph,
 no dependence on call order); the difference is one step of staleness in ``f``, which moves
 slowly.
 
@@ -71,16 +84,17 @@ routers without a ``forward_layer`` seam.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, check_choice
 from moelab.layers.balancing import StepAccumulator, normalize_probs
 from moelab.layers.config import MoEConfig
 from moelab.layers.experts import ExpertBank
-from moelab.layers.layouts import LayoutConfig, LayoutPlan, layout_param_counts, plan_layout
+from moelab.layers.layouts import POOL_LOSS_MODES, LayoutConfig, LayoutPlan, layout_param_counts, plan_layout
 from moelab.layers.moe import MoELayer
 from moelab.layers.routing import RoutingContext, RoutingResult
 
@@ -162,8 +176,7 @@ class PoolBalance(StepAccumulator):
     def __init__(self, num_experts: int, members: list[int], *, coef: float = 0.01, mode: str = "lagged",
                  bank: int = 0) -> None:
         super().__init__()
-        if mode not in ("lagged", "exact"):
-            raise MoelabError(f"pool_loss_mode={mode!r} is not valid; choose one of: 'lagged', 'exact'")
+        check_choice("pool_loss_mode", mode, POOL_LOSS_MODES)
         self.num_experts = int(num_experts)
         self.members = sorted(int(m) for m in members)
         self.coef = float(coef)
@@ -175,7 +188,22 @@ class PoolBalance(StepAccumulator):
         self.register_buffer("prev_count_N", torch.zeros(N, dtype=torch.float64))
         self.register_buffer("prev_tokens", torch.zeros((), dtype=torch.float64))
         self.register_buffer("last_count_N", torch.zeros(N, dtype=torch.float64), persistent=False)
+        self.register_buffer("mb_count_N", torch.zeros(N, dtype=torch.float64), persistent=False)
+        self.register_buffer("mb_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("mb_prev_count_N", torch.zeros(N, dtype=torch.float64))
+        self.register_buffer("mb_prev_tokens", torch.zeros((), dtype=torch.float64))
         self.num_updates = 0
+
+    _MB_KEYS = ("mb_prev_count_N", "mb_prev_tokens")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # Checkpoints from before the micro-batch lag have no mb_prev_* buffers: keep zeros.
+        for key in self._MB_KEYS:
+            if prefix + key not in state_dict:
+                state_dict[prefix + key] = getattr(self, key).detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def state_key(self) -> str:
@@ -187,7 +215,7 @@ class PoolBalance(StepAccumulator):
 
         ``cols_C``: the layer's local expert indices that lie in this bank; ``idx_C``: their bank
         indices. ``p_sum_N``: the layer's router distribution restricted to those columns,
-        renormalised per token, summed over real tokens and scattered into bank order
+        renormalised per token (raw scores for ``routing.loss_form == "unipool"``), summed over real tokens and scattered into bank order
         (differentiable). ``counts_N``: routed slots (before drops, real tokens) per bank expert.
         """
         N = self.num_experts
@@ -198,7 +226,9 @@ class PoolBalance(StepAccumulator):
             probs_TE = torch.zeros(routing.num_tokens, routing.num_experts, device=idx_C.device)
         else:
             probs_TE = routing.probs_TE
-        p_TC = normalize_probs(probs_TE[:, cols_C])
+        p_TC = probs_TE[:, cols_C].float()
+        if routing.loss_form != "unipool":
+            p_TC = normalize_probs(p_TC)
         valid_T = routing.valid_T
         if valid_T is not None:
             p_TC = p_TC * valid_T[:, None].to(p_TC.dtype)
@@ -215,25 +245,26 @@ class PoolBalance(StepAccumulator):
         return p_sum_N, counts_N, n_tokens
 
     def layer_term(self, layer_index: int, usage: tuple[Tensor, Tensor, int],
-                   ctx: RoutingContext | None) -> Tensor | None:
+                   ctx: RoutingContext | None, *, k: int = 1, form: str = "normalized") -> Tensor | None:
         """This layer's share of the pool loss (already times ``coef``) from its
         :meth:`layer_usage`, or None (exact mode, not the pool's last layer). Also accumulates
-        the step's counts (training only) and the last forward's counts."""
+        the step's and the micro-batch's counts (training only) and the last forward's counts.
+
+        ``k``/``form``: the layer's top-k and the routing's ``loss_form`` (``"unipool"``:
+        ``f = counts / (k * tokens)``; else ``f = counts / sum(counts)``)."""
         p_sum_N, counts_N, n_tokens = usage
         accumulate = self.accumulating()  # read outside no_grad: it checks the grad mode
-        with torch.no_grad():
-            if layer_index == self.members[0]:
-                self.last_count_N.zero_()
-            self.last_count_N += counts_N.to(self.last_count_N)
-            if accumulate:
-                self.count_N += counts_N.to(self.count_N)
-                self.tokens += n_tokens
+        self._count(layer_index, counts_N, n_tokens, accumulate)
         N = self.num_experts
-        if self.mode == "lagged":
-            total = self.prev_count_N.sum()
-            f_N = (self.prev_count_N / total.clamp_min(1.0)).to(p_sum_N)
-            p_N = p_sum_N / max(n_tokens, 1)
-            return self.coef * N * (f_N * p_N).sum() / len(self.members)
+        if self.mode != "exact":
+            micro = self.mode == "lagged_micro"
+            prev_N = self.mb_prev_count_N if micro else self.prev_count_N
+            prev_n = self.mb_prev_tokens if micro else self.prev_tokens
+            f_N = pool_fractions(prev_N, prev_n, k, form).to(p_sum_N)
+            term = self.coef * N * (f_N * p_sum_N).sum() / max(n_tokens, 1) / len(self.members)
+            if micro and accumulate and layer_index == self.members[-1]:
+                self._roll_micro_batch()
+            return term
         # exact: gather every member's usage of this forward; the last member computes the loss
         entries = [(p_sum_N, counts_N, n_tokens)]
         if ctx is not None:
@@ -241,7 +272,25 @@ class PoolBalance(StepAccumulator):
             entries.append((p_sum_N, counts_N, n_tokens))
             if layer_index != self.members[-1]:
                 return None
-        return self.coef * exact_pool_loss(entries, N)
+        return self.coef * exact_pool_loss(entries, N, k=k, form=form)
+
+    @torch.no_grad()
+    def _count(self, layer_index: int, counts_N: Tensor, n_tokens: int, accumulate: bool) -> None:
+        if layer_index == self.members[0]:
+            self.last_count_N.zero_()
+        self.last_count_N += counts_N.to(self.last_count_N)
+        if accumulate:
+            self.count_N += counts_N.to(self.count_N)
+            self.tokens += n_tokens
+            self.mb_count_N += counts_N.to(self.mb_count_N)
+            self.mb_tokens += n_tokens
+
+    @torch.no_grad()
+    def _roll_micro_batch(self) -> None:
+        self.mb_prev_count_N.copy_(self.mb_count_N)
+        self.mb_prev_tokens.copy_(self.mb_tokens)
+        self.mb_count_N.zero_()
+        self.mb_tokens.zero_()
 
     # -- per optimizer step
     @torch.no_grad()
@@ -275,12 +324,23 @@ class PoolBalance(StepAccumulator):
         return f"N={self.num_experts}, members={self.members}, coef={self.coef}, mode={self.mode!r}"
 
 
-def exact_pool_loss(entries: list[tuple[Tensor, Tensor, int]], num_experts: int) -> Tensor:
-    """``N * sum_j f_j * pbar_j`` from every layer's ``(p_sum_N, counts_N, n_tokens)`` (1.0 at balance)."""
+def pool_fractions(counts_N: Tensor, tokens: Tensor | float, k: int, form: str = "normalized") -> Tensor:
+    """``f_j``: ``counts_j / sum(counts)`` (normalised form) or UniPool's ``counts_j / (k * tokens)``
+    (``form="unipool"``; ``tokens`` = (layer, real token) pairs the counts come from). 0 when empty."""
+    if form == "unipool":
+        t = torch.as_tensor(tokens, dtype=counts_N.dtype, device=counts_N.device)
+        return counts_N / (k * t).clamp_min(1.0)
+    return counts_N / counts_N.sum().clamp_min(1.0)
+
+
+def exact_pool_loss(entries: list[tuple[Tensor, Tensor, int]], num_experts: int, *, k: int = 1,
+                    form: str = "normalized") -> Tensor:
+    """``N * sum_j f_j * pbar_j`` from every layer's ``(p_sum_N, counts_N, n_tokens)`` (1.0 at
+    balance in the normalised form; ``f`` from :func:`pool_fractions`)."""
     p_sum_N = sum(e[0] for e in entries)
     counts_N = sum(e[1] for e in entries)
     n = sum(e[2] for e in entries)
-    f_N = (counts_N / counts_N.sum().clamp_min(1.0)).to(p_sum_N)
+    f_N = pool_fractions(counts_N, float(n), k, form).to(p_sum_N)
     return num_experts * (f_N * p_sum_N).sum() / max(n, 1)
 
 
@@ -320,7 +380,7 @@ class PoolMoELayer(MoELayer):
             usage = bal.layer_usage(routing, getattr(self, f"pool_cols{j}"), getattr(self, f"pool_idx{j}"))
             if j == 0:
                 self._last_pool_counts = usage[1].detach()
-            term = bal.layer_term(self.layer_index, usage, ctx)
+            term = bal.layer_term(self.layer_index, usage, ctx, k=self.cfg.k, form=routing.loss_form)
             if term is not None and bal.coef != 0.0:
                 losses["pool_loss"] = losses["pool_loss"] + term if "pool_loss" in losses else term
         return losses
@@ -381,7 +441,12 @@ class PublishDecision(nn.Module):
 
 
 class ReusedDecision(nn.Module):
-    """Returns the decision the first MoE layer published in ``ctx.state`` (no parameters, no loss)."""
+    """Returns the decision the first MoE layer published in ``ctx.state`` (no parameters, no loss).
+
+    The returned routing carries no ``aux_losses``: the router-owned losses (ReLU L1, top-p
+    entropy, null-expert, noisy-top-k, StableMoE, ...) belong to the first layer's decision and
+    are counted once, by the first layer (issue 13: they used to be added once per layer).
+    """
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         routing = None if ctx is None else ctx.state.get(DECISION_KEY)
@@ -390,7 +455,11 @@ class ReusedDecision(nn.Module):
                               "the first MoE layer must run first with the same RoutingContext")
         if routing.num_tokens != x_TD.shape[0]:
             raise MoelabError(f"shared decision has T={routing.num_tokens}, this layer got T={x_TD.shape[0]}")
-        return routing
+        return replace(routing, aux_losses={})
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        """The reused decision is the first layer's; its router's flag is checked there."""
+        return True
 
     def balance_losses(self, routing: RoutingResult, ctx: RoutingContext | None = None) -> dict[str, Tensor]:
         return {}
@@ -424,8 +493,6 @@ def build_layout(layout: LayoutConfig, moe: MoEConfig, moe_layers: list[int]
     layers own their experts: state_dict keys are those of vanilla MoE). Register ``owner`` once in
     the model (``model.expert_layout``).
     """
-    from dataclasses import replace
-
     plan = plan_layout(layout, moe.num_experts, moe.k, list(moe_layers))
     layers: dict[int, MoELayer] = {}
     owner = None

@@ -60,6 +60,10 @@ class RoutingResult:
             multiplied by their coefficients; the MoE layer adds them to the objective.
         causal: False when a token's decision depends on other tokens of its sequence at later
             positions (expert-choice): such routers leak the future in autoregressive use.
+        loss_form: how balance and pool losses read ``probs_TE``: ``"normalized"`` (each token's
+            scores renormalised to sum 1, ``f = counts / sum(counts)``: 1.0 at balance) or
+            ``"unipool"`` (UniPool's / Megatron's form for NormRouter: the raw scores and
+            ``f = counts / (k T)``; see ``moelab.layers.balancing``).
     """
 
     token_S: Tensor
@@ -75,6 +79,7 @@ class RoutingResult:
     valid_T: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     causal: bool = True
+    loss_form: str = "normalized"
 
     # ----------------------------------------------------------------- constructors
     @classmethod

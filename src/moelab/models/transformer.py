@@ -162,7 +162,11 @@ def _default_moe_factory(cfg: MoEConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE.
+
+    An MoE layer whose ``block_residual`` is False returns the new residual stream itself
+    (Chain-of-Experts ``residual="inner"``): the block then outputs ``ffn(norm(x))`` without ``x``.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_index: int, moe: nn.Module | None) -> None:
         super().__init__()
@@ -178,8 +182,8 @@ class Block(nn.Module):
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
             B, L, D = h_BLD.shape
-            y = self.ffn(h_BLD.reshape(B * L, D), replace(ctx, layer_index=self.layer_index))
-            return x_BLD + y.view(B, L, D)
+            y_BLD = self.ffn(h_BLD.reshape(B * L, D), replace(ctx, layer_index=self.layer_index)).view(B, L, D)
+            return x_BLD + y_BLD if getattr(self.ffn, "block_residual", True) else y_BLD
         return x_BLD + self.ffn(h_BLD)
 
 

@@ -121,9 +121,18 @@ def test_chain_of_experts_matches_the_iterative_residual_oracle():
     (y_ref * g).sum().backward()
     assert torch.allclose(gx, x2.grad, atol=1e-5)
     assert torch.equal(routing.expert_S, r(x.detach()).expert_S)  # the first iteration's routing
-    # iterations 2..C are balanced too: their balance losses ride along in aux_losses
+    # iterations 2..C are balanced too: each one's Switch loss, from its own routing (oracle below)
     assert set(routing.aux_losses) == {"aux_loss_iter1", "aux_loss_iter2"}
-    assert all(v.requires_grad and v > 0 for v in routing.aux_losses.values())
+    xt = x.detach().clone()
+    for it in range(r.n_iters):
+        p = torch.softmax(r.gates[it](xt), -1)
+        top = torch.topk(p, r.k_iter).indices
+        if it > 0:  # E * sum_i f_i * P_i by hand: f from the iteration's own top-k, P its mean softmax
+            f = torch.bincount(top.reshape(-1), minlength=6).float() / top.numel()
+            want = c.aux_loss_coef * 6 * (f * p.mean(0)).sum()
+            assert torch.allclose(routing.aux_losses[f"aux_loss_iter{it}"], want, atol=1e-6)
+        xt = xt + torch.stack([sum(p[t, e] * expert_forward(experts, xt[t:t + 1], int(e))[0] for e in top[t])
+                               for t in range(6)])
 
 
 def test_chain_of_experts_with_one_iteration_is_a_standard_moe():
@@ -134,8 +143,8 @@ def test_chain_of_experts_with_one_iteration_is_a_standard_moe():
     x = torch.randn(6, D)
     y, routing = r.forward_layer(layer, x)
     assert r.k_iter == 2 and torch.allclose(y, x + loop_dispatch(x, r(x), experts), atol=1e-6)  # y = x^(1)
-    r.include_input = False  # only the update: exactly a standard (non-renormalised) top-k MoE
+    r.residual = "outer"  # no inner residual: exactly a standard (non-renormalised) top-k MoE
     y2, _ = r.forward_layer(layer, x)
-    assert torch.allclose(y2, y - x, atol=1e-6)
+    assert torch.allclose(y2, loop_dispatch(x, r(x), experts), atol=1e-6) and not torch.allclose(y2, y)
     p = torch.softmax(r.gates[0](x), -1)
     assert torch.allclose(routing.weight_S.view(6, 2), p.gather(1, torch.topk(p, 2).indices))

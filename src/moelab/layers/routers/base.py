@@ -114,12 +114,16 @@ def group_limited_mask(scores_TE: Tensor, n_groups: int, topk_groups: int) -> Te
 class Router(nn.Module):
     """Base router: holds the config, the optional aux-free bias and the per-step accumulators.
 
-    Class attributes: ``causal`` (False when a token's routing depends on later tokens) and
-    ``supports_aux_free`` (False for routers whose selection has no per-expert score to bias).
+    Class attributes: ``causal`` (False when, in training mode, a token's routing depends on
+    later tokens of its sequence), ``causal_eval`` (the same in eval mode; None: as ``causal``;
+    Sinkhorn, BASE and BIP are non-causal in training only) and ``supports_aux_free`` (False for
+    routers whose selection has no per-expert score to bias). :meth:`is_causal` answers for the
+    current (or a given) mode; routers whose causality depends on their options override it.
     Subclasses take their ``router_kwargs`` as keyword-only ``__init__`` parameters.
     """
 
     causal: ClassVar[bool] = True
+    causal_eval: ClassVar[bool | None] = None
     supports_aux_free: ClassVar[bool] = True
 
     def __init__(self, cfg: MoEConfig, **router_kwargs: Any) -> None:
@@ -170,25 +174,45 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:  # pragma: no cover
         raise NotImplementedError
 
+    def is_causal(self, training: bool | None = None) -> bool:
+        """True when a token's routing never depends on later tokens, in training mode
+        (``training=True``), eval mode (False) or the router's current mode (None)."""
+        mode = self.training if training is None else bool(training)
+        cls = type(self)
+        return cls.causal if mode or cls.causal_eval is None else bool(cls.causal_eval)
+
     # -- bookkeeping after every forward
     @staticmethod
     def _after_forward(module: "Router", args: tuple, kwargs: dict, out: Any) -> Any:
         if not isinstance(out, RoutingResult):
             return out
         ctx = kwargs.get("ctx", args[1] if len(args) > 1 else None)
+        return module.finish_routing(out, ctx)
+
+    def finish_routing(self, out: RoutingResult, ctx: RoutingContext | None,
+                       global_load: GlobalLoadAccumulator | None | str = "router") -> RoutingResult:
+        """Fill ``valid_T``, ``selection_bias_E`` and ``causal`` and feed the step accumulators.
+
+        Runs after every ``forward`` (a hook). Routers that execute a routing not made by
+        ``forward`` (Chain-of-Experts iterations, CompeteSMoE's competition step) call it on that
+        routing themselves, passing the accumulator the routing belongs to (``global_load``:
+        "router" for ``self.global_load``, None for none), so ``aux_loss="global"`` reads the
+        counts of the routing it balances.
+        """
         if out.valid_T is None and ctx is not None and ctx.valid_T is not None:
             valid_T = ctx.valid_T.reshape(-1).to(torch.bool)
             if valid_T.numel() != out.num_tokens:
                 raise MoelabError(f"ctx.valid_T has {valid_T.numel()} entries, expected T={out.num_tokens}")
             out.valid_T = valid_T
-        if module.aux_free is not None and out.selection_bias_E is None:
-            out.selection_bias_E = module.aux_free.bias_E.detach()
-        if not type(module).causal:
+        if self.aux_free is not None and out.selection_bias_E is None:
+            out.selection_bias_E = self.aux_free.bias_E.detach()
+        if not self.is_causal():
             out.causal = False
-        if module.aux_free is not None:
-            module.aux_free.observe(out)
-        if module.global_load is not None:
-            module.global_load.observe(out)
+        if self.aux_free is not None:
+            self.aux_free.observe(out)
+        acc = self.global_load if isinstance(global_load, str) else global_load
+        if acc is not None:
+            acc.observe(out)
         return out
 
 

@@ -12,18 +12,28 @@ routing; 2 iterations with top-k match 3x wider selection at fixed compute.
 
 As in the paper: iteration t keeps the top ``K/C`` experts of its router's softmax scores
 (compute-matched with a standard top-K layer; ``k_per_iter`` overrides, default
-``max(1, cfg.k // n_iters)``), the gate is the raw softmax score ``g_{t,i} = s_{t,i}`` of the
-selected experts (not renormalised), and the layer output is ``y = x^(C)``
-(``include_input=True``, default). The transformer block then adds its own (outer) residual, so
-with pre-norm the block computes ``h + x^(C)`` with ``x^(0) = norm(h)``, the paper's
-inner + outer residual structure. ``include_input=False`` returns only the summed updates
-``x^(C) - x^(0)`` (a variant that keeps the block's residual stream free of the extra input);
-``inner_residual=False`` is the paper's ablation ``x^(t) = sum g E(x^(t-1))``.
+``max(1, cfg.k // n_iters)``) and the gate is the raw softmax score ``g_{t,i} = s_{t,i}`` of the
+selected experts (not renormalised).
+
+Residual (``router_kwargs.residual``), as in the official code (ZihanWang314/coe; its two modes,
+read from the issue-13 audit of that code, which could not be fetched here):
+
+* ``"inner"`` (default, the official default): the inner residual above, and the layer's output
+  ``x^(C) = norm(h) + sum of the C updates`` *replaces* the block's residual stream: the block adds
+  no outer residual ``h`` (the layer declares ``block_residual = False``, which
+  ``moelab.models.transformer.Block`` reads).
+* ``"outer"``: no inner residual, ``x^(t) = sum_i g_{t,i} E_i(x^(t-1))``, and the block adds its
+  outer residual: the block outputs ``h + x^(C)``.
+
+(Before issue 13 the layer returned ``x^(C)`` including ``x^(0) = norm(h)`` and the block added
+``h`` as well, so a block computed ``h + norm(h) + updates``: neither official mode.)
 
 Runs through the MoE layer's ``forward_layer`` seam. The routing returned to the layer (stats,
 balance losses) is the *first* iteration's; the balance losses of iterations 2..C are computed
 with the layer's balancing and added to its ``aux_losses`` (keys suffixed ``_iter{t}``), so
-every router is balanced. ``forward`` alone routes the first iteration.
+every router is balanced. With ``aux_loss="global"`` each iteration's router has its own
+global-batch accumulator (``iter_global_load[t-1]``), fed with that iteration's own routing.
+``forward`` alone routes the first iteration.
 """
 
 from __future__ import annotations
@@ -33,11 +43,15 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from moelab.errors import check_range
+from moelab.errors import check_choice, check_range
+from moelab.layers.balancing import GlobalLoadAccumulator, balance_losses
 from moelab.layers.config import MoEConfig
 from moelab.layers.routers._zoo2_common import dispatch_via_layer, layer_experts
 from moelab.layers.routers.base import ROUTERS, GateLinear, Router, check_finite_logits
 from moelab.layers.routing import RoutingContext, RoutingResult
+
+
+RESIDUAL_MODES = ("inner", "outer")
 
 
 @ROUTERS.register(
@@ -50,14 +64,20 @@ class ChainOfExpertsRouter(Router):
     supports_aux_free = False
 
     def __init__(self, cfg: MoEConfig, *, n_iters: int = 2, k_per_iter: int | None = None,
-                 inner_residual: bool = True, include_input: bool = True) -> None:
+                 residual: str = "inner") -> None:
         super().__init__(cfg)
         self.n_iters = int(check_range("router_kwargs.n_iters", n_iters, low=1))
         kk = max(1, cfg.k // self.n_iters) if k_per_iter is None else k_per_iter
         self.k_iter = int(check_range("router_kwargs.k_per_iter", kk, low=1, high=cfg.num_experts))
-        self.inner_residual = bool(inner_residual)
-        self.include_input = bool(include_input)
+        self.residual = check_choice("router_kwargs.residual", residual, RESIDUAL_MODES)
         self.gates = nn.ModuleList(GateLinear(cfg.d_model, cfg.num_experts, cfg.init_std) for _ in range(self.n_iters))
+        self.iter_global_load = nn.ModuleList(
+            GlobalLoadAccumulator(cfg.num_experts) for _ in range(self.n_iters - 1)) if cfg.aux_loss == "global" else None
+
+    @property
+    def block_residual(self) -> bool:
+        """Whether the transformer block adds its outer residual to this layer's output."""
+        return self.residual == "outer"
 
     def route(self, it: int, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         logits_TE = check_finite_logits(self.gates[it](x_TD), "chain_of_experts")
@@ -71,22 +91,25 @@ class ChainOfExpertsRouter(Router):
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         return self.route(0, self.check_input(x_TD), ctx)
 
+    def iteration_losses(self, it: int, routing: RoutingResult, ctx: RoutingContext | None) -> dict[str, Tensor]:
+        """Balance losses of iteration ``it >= 1``, with that iteration's own global accumulator."""
+        acc = None if self.iter_global_load is None else self.iter_global_load[it - 1]
+        self.finish_routing(routing, ctx, global_load=acc)
+        return balance_losses(routing, self.cfg, ctx, accumulator=acc)
+
     def forward_layer(self, layer, x_TD: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, RoutingResult]:
         experts = layer_experts(layer, "chain_of_experts")
-        x0_TD = x_TD
         x_t = x_TD
         first: RoutingResult | None = None
         extra = {}
         for it in range(self.n_iters):
             routing = self(x_t, ctx) if it == 0 else self.route(it, x_t, ctx)
             update_TD, routing = dispatch_via_layer(layer, x_t, routing, experts)
-            x_t = x_t + update_TD if self.inner_residual else update_TD
+            x_t = x_t + update_TD if self.residual == "inner" else update_TD
             if it == 0:
                 first = routing
             else:
-                for name, v in self.balance_losses(routing, ctx).items():
+                for name, v in self.iteration_losses(it, routing, ctx).items():
                     extra[f"{name}_iter{it}"] = v
         assert first is not None
-        first = replace(first, aux_losses={**first.aux_losses, **extra})
-        y_TD = x_t if (self.include_input or not self.inner_residual) else x_t - x0_TD
-        return y_TD, first
+        return x_t, replace(first, aux_losses={**first.aux_losses, **extra})

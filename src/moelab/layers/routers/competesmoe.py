@@ -18,6 +18,10 @@ cheap router. Following the released implementation (``competesmoe.py``):
   afterwards each training step competes with probability ``rate`` (the code pre-draws this
   Bernoulli sequence; we draw it per forward). Evaluation always uses the router.
 
+Global-batch balance (``aux_loss="global"``): the accumulator is fed with the routing that was
+executed (the competition's on competition steps, the router's otherwise), so the loss on a
+competition step reads the competition's counts (before issue 13 it read the router's).
+
 Driving the schedule: a ``step`` buffer advances in every training forward with grad enabled
 (once per micro-batch); it is checkpointed. Competition needs the experts, so it runs through the
 MoE layer's ``forward_layer`` seam; ``forward`` alone is the router policy. The code's
@@ -98,13 +102,13 @@ class CompeteSMoERouter(Router):
 
     def forward_layer(self, layer, x_TD: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, RoutingResult]:
         experts = layer_experts(layer, "competesmoe")
-        routing = self(x_TD, ctx)
+        routing = self.forward(x_TD, ctx)  # no hook yet: only the routing executed feeds the accumulators
         compete = self.training and torch.is_grad_enabled() and self.competes_now()
         self.last_competed = compete
         if not compete:
-            return dispatch_via_layer(layer, x_TD, routing, experts)
+            return dispatch_via_layer(layer, x_TD, self.finish_routing(routing, ctx), experts)
         valid = valid_mask(ctx, x_TD.shape[0], x_TD.device)
         y_TD, idx_TK, w_TK, s_sm_TE, aux = self.competition(experts, x_TD, routing.logits_TE, valid)
         comp = RoutingResult.from_topk(idx_TK, w_TK, self.num_experts, logits_TE=routing.logits_TE,
-                                       probs_TE=s_sm_TE, valid_T=routing.valid_T, aux_losses=aux)
-        return y_TD.to(x_TD.dtype), comp
+                                       probs_TE=s_sm_TE, aux_losses=aux)
+        return y_TD.to(x_TD.dtype), self.finish_routing(comp, ctx)

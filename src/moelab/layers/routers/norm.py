@@ -21,9 +21,16 @@ Choices (documented):
   weight is 0 and the ReLU passes no gradient there, so outputs and gradients are identical to
   keeping them, with less compute. The realised number of experts per token is then <= k
   (``k`` is reported as ``cfg.k`` only when every token kept all k).
-* ``probs_TE`` (for balance losses and stats) is the score vector; moelab's balance losses
-  normalise it per token (as DeepSeek-V3 does for sigmoid scores). UniPool's pool-level loss is
-  the layouts' business (``moelab.layers.layouts``); per layer any of moelab's losses applies.
+* ``probs_TE`` (for balance losses and stats) is the score vector. ``loss_form`` (router_kwargs)
+  says how the balance losses (switch, sequence, global) and UniPool's pool-level loss read it:
+  ``"unipool"`` (default): as UniPool's code does, the *raw* scores go into Megatron's
+  ``switch_load_balancing_loss_func`` form ``E * sum_i c_i / (k T) * sum_t s_ti / T``
+  (``balancing.unipool_switch_loss``; not 1.0 at balance), so ``norm_scale`` gets gradient from
+  the losses; ``"normalized"``: moelab's form before issue 13, the scores renormalised per token
+  (as DeepSeek-V3 does for sigmoid scores) and ``f = c / sum(c)``: 1.0 at balance, and
+  ``norm_scale`` cancels out of every loss (its gradient from them is 0 up to rounding).
+  Counts are the emitted slots (Megatron also counts a selected slot whose score is exactly 0;
+  such slots carry no gradient and occur only when fewer than k normalised logits are positive).
 * Aux-free bias (if configured) is added to the scores for selection only, as in Megatron.
 * ``eps`` = 1e-9 (Megatron's ``moe_norm_routing_eps`` is configurable; its value is ours).
   ``scale_init="monte_carlo"`` uses 20,000 samples from a fixed-seed generator.
@@ -39,6 +46,9 @@ from moelab.layers.config import MoEConfig
 from moelab.layers.routers._zoo1_common import ctx_valid_or_none
 from moelab.layers.routers.base import ROUTERS, GateLinear, Router, check_finite_logits, select_topk
 from moelab.layers.routing import RoutingContext, RoutingResult
+
+
+LOSS_FORMS = ("unipool", "normalized")
 
 
 def monte_carlo_scale(num_experts: int, k: int, samples: int = 20000, seed: int = 42) -> float:
@@ -58,13 +68,16 @@ def monte_carlo_scale(num_experts: int, k: int, samples: int = 20000, seed: int 
     paper="Huang et al. 2026, UniPool: A Globally Shared Expert Pool for Mixture-of-Experts (arXiv:2605.06665)",
 )
 class NormRouter(Router):
-    """router_kwargs: ``scale_init`` ("one" | "monte_carlo"), ``eps`` (1e-9)."""
+    """router_kwargs: ``scale_init`` ("one" | "monte_carlo"), ``eps`` (1e-9), ``loss_form``
+    ("unipool" | "normalized", see the module docstring)."""
 
     causal = True
 
-    def __init__(self, cfg: MoEConfig, *, scale_init: str = "one", eps: float = 1e-9) -> None:
+    def __init__(self, cfg: MoEConfig, *, scale_init: str = "one", eps: float = 1e-9,
+                 loss_form: str = "unipool") -> None:
         super().__init__(cfg)
         check_choice("router_kwargs.scale_init", scale_init, ("one", "monte_carlo"))
+        self.loss_form = check_choice("router_kwargs.loss_form", loss_form, LOSS_FORMS)
         self.eps = float(check_range("router_kwargs.eps", eps, low=0.0, low_inclusive=False))
         self.scale_initial = 1.0 if scale_init == "one" else monte_carlo_scale(cfg.num_experts, cfg.k)
         self.gate = GateLinear(cfg.d_model, cfg.num_experts, cfg.init_std)
@@ -85,5 +98,5 @@ class NormRouter(Router):
         full = bool(emitted_TE.sum() == emitted_TE.shape[0] * self.k)
         return RoutingResult.from_mask(
             emitted_TE, scores_TE, logits_TE=logits_TE, probs_TE=scores_TE,
-            k=self.k if full else None, valid_T=ctx_valid_or_none(ctx),
+            k=self.k if full else None, valid_T=ctx_valid_or_none(ctx), loss_form=self.loss_form,
         )
