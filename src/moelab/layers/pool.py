@@ -394,6 +394,11 @@ class PoolMoELayer(MoELayer):
 
 
 # --------------------------------------------------------------------------- shared routers
+def _router_is_causal(router: nn.Module, training: bool | None) -> bool:
+    fn = getattr(router, "is_causal", None)
+    return bool(fn(training)) if callable(fn) else bool(getattr(router, "causal", True))
+
+
 def _check_shareable(router: nn.Module, how: str) -> None:
     if hasattr(router, "forward_layer"):
         raise MoelabError(f"layout.router_sharing={how!r} is not supported with router "
@@ -413,6 +418,9 @@ class SharedRouter(nn.Module):
     @property
     def owner(self) -> nn.Module:
         return self._owner  # type: ignore[attr-defined]
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        return _router_is_causal(self.owner, self.training if training is None else training)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         return self.owner(x_TD, ctx)
@@ -435,6 +443,9 @@ class PublishDecision(nn.Module):
         if ctx is not None:
             ctx.state[DECISION_KEY] = routing
         return routing
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        return _router_is_causal(self.inner, training)
 
     def balance_losses(self, routing: RoutingResult, ctx: RoutingContext | None = None) -> dict[str, Tensor]:
         return self.inner.balance_losses(routing, ctx)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from moelab.layers.config import MoEConfig
 from moelab.layers.routing import RoutingContext
+from moelab.models.causality import require_causal
 from moelab.models.config import ModelConfig
 
 
@@ -309,6 +310,7 @@ class MoETransformer(nn.Module):
         """Sample ``max_new_tokens`` tokens after ``input_ids_BL`` (no KV cache: the context, cut to
         ``max_seq_len``, is re-run each step). ``temperature == 0`` is greedy; ``top_k`` keeps the k
         most likely tokens; stops early when every row produced ``eos_id``."""
+        require_causal(self, "generate")  # refuses routers that read later tokens (moelab.models.causality)
         ids_BL = input_ids_BL
         done_B = torch.zeros(ids_BL.shape[0], dtype=torch.bool, device=ids_BL.device)
         for _ in range(max_new_tokens):

@@ -37,6 +37,7 @@ from moelab.data.loader import TrainStream, eval_batches
 from moelab.data.pipeline import prepare_data
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import MoelabError
+from moelab.models.causality import non_causal_layers
 from moelab.models.transformer import MoETransformer
 from moelab.train import checkpoint as ckpt
 from moelab.train.config import RunConfig
@@ -103,12 +104,17 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
              dtype: str = "float32", cache_dir: str | None = None) -> dict[str, Any]:
     """Token-weighted validation loss and perplexity, overall and per domain.
 
-    Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}}}``;
-    ``max_batches`` caps the batches per domain.
+    Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
+    "causal", "non_causal_layers"}``; ``max_batches`` caps the batches per domain. Routers run in
+    eval mode, i.e. in their causal inference mode where they have one (expert-choice:
+    token-choice); ``causal`` is False (and ``non_causal_layers`` names them) when some router has
+    none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``): that number
+    then uses later tokens and is not a language-model perplexity.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    non_causal = non_causal_layers(model)  # routers without a causal eval mode: the number leaks the future
     nll = defaultdict(float)
     count = defaultdict(int)
     try:
@@ -133,7 +139,7 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     total = sum(count.values())
     loss = sum(nll.values()) / total if total else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if total else float("nan"),
-            "tokens": total, "per_domain": per_domain}
+            "tokens": total, "per_domain": per_domain, "causal": not non_causal, "non_causal_layers": non_causal}
 
 
 def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:

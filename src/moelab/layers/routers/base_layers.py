@@ -73,7 +73,8 @@ def balanced_assignment(scores_TE: np.ndarray) -> np.ndarray:
     paper="Lewis et al. 2021, BASE Layers: Simplifying Training of Large, Sparse Models",
 )
 class BaseLayerRouter(Router):
-    causal = False
+    causal = False  # training: the balanced assignment couples every token of the batch
+    causal_eval = True  # eval: greedy top-1 per token
     supports_aux_free = False  # the training assignment depends on every token of the batch
 
     def __init__(self, cfg: MoEConfig) -> None:

@@ -62,7 +62,8 @@ def bip_dual_prices(s_TE: Tensor, q_E: Tensor, k: int, n_iters: int) -> Tensor:
     paper="Sun 2025, Binary-Integer-Programming Based Algorithm for Expert Load Balancing in MoE Models",
 )
 class BIPRouter(Router):
-    causal = False  # q is solved on the whole batch before choosing
+    causal = False  # training: q is solved on the whole batch before choosing
+    causal_eval = True  # eval: top-k of s - q with the stored q, per token
     supports_aux_free = False
 
     def __init__(self, cfg: MoEConfig, *, n_iters: int = 4) -> None:

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from moelab.errors import MoelabError, check_range
+from moelab.errors import MoelabError, check_choice, check_range
 from moelab.layers.config import MoEConfig
 from moelab.layers.routers.base import ROUTERS, GateLinear, Router, check_finite_logits
 from moelab.layers.routing import RoutingContext, RoutingResult
@@ -19,6 +19,9 @@ from moelab.layers.routing import RoutingContext, RoutingResult
 def expert_capacity(n_tokens: int, capacity_factor: float, num_experts: int) -> int:
     """The paper's per-expert capacity ``C = n * c / E``, rounded up, at least 1 and at most n."""
     return max(1, min(n_tokens, math.ceil(n_tokens * capacity_factor / num_experts - 1e-9)))
+
+
+EVAL_ROUTING = ("token_choice", "expert_choice")
 
 
 @ROUTERS.register(
@@ -37,7 +40,17 @@ class ExpertChoiceRouter(Router):
     **Causality caveat.** Whether token t is chosen depends on the affinities of every token in its
     group, later positions included: the router leaks the future and is not valid for
     autoregressive training/generation as is (the paper evaluates on encoder-decoder / fine-tuning
-    setups). The result and the class carry ``causal=False``.
+    setups). Training-mode results carry ``causal=False``.
+
+    **Causal inference mode** (``eval_routing``, router_kwargs). ``"token_choice"`` (default): in
+    eval mode each token takes the top-``k_eval`` experts of the *same* affinities ``S`` with the
+    same combine weights (the ``S`` entries, not renormalised), ``k_eval = round(capacity_factor)``
+    (the average experts per token of training; ``cfg.k`` by default), so evaluation and
+    generation are causal. This is a common way to run an expert-choice-trained model
+    autoregressively (Zhou et al. 2022 leave decoding open; Raposo et al. 2024,
+    Mixture-of-Depths, likewise replace their non-causal top-k by a per-token decision at sampling
+    time with a per-token predictor); the train/test mismatch it introduces is the price. ``"expert_choice"``: eval as in
+    training (non-causal: evaluation then records ``causal: false`` and ``generate`` refuses).
 
     **Groups (our choice).** With ``ctx.batch_shape=(B, L)`` and ``per_sequence=True`` each sequence is
     its own group, so a sequence's routing does not depend on the other sequences in the batch
@@ -50,19 +63,34 @@ class ExpertChoiceRouter(Router):
     causal = False
     supports_aux_free = False
 
-    def __init__(self, cfg: MoEConfig, *, capacity_factor: float | None = None, per_sequence: bool = True) -> None:
+    def __init__(self, cfg: MoEConfig, *, capacity_factor: float | None = None, per_sequence: bool = True,
+                 eval_routing: str = "token_choice") -> None:
         super().__init__(cfg)
+        self.eval_routing = check_choice("router_kwargs.eval_routing", eval_routing, EVAL_ROUTING)
         c = float(cfg.k) if capacity_factor is None else capacity_factor
         check_range("capacity_factor", c, low=0.0, low_inclusive=False, high=float(cfg.num_experts))
         self.capacity_factor = c
         self.per_sequence = bool(per_sequence)
         self.gate = GateLinear(cfg.d_model, cfg.num_experts, cfg.init_std)
+        self.k_eval = max(1, min(cfg.num_experts, round(c)))
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        mode = self.training if training is None else bool(training)
+        return not mode and self.eval_routing == "token_choice"
+
+    def token_choice(self, logits_TE: Tensor, probs_TE: Tensor) -> RoutingResult:
+        """The causal inference mode: top-``k_eval`` of the affinities per token, weights ``S``."""
+        idx_TK = torch.topk(probs_TE.detach(), self.k_eval, dim=-1).indices
+        return RoutingResult.from_topk(idx_TK, probs_TE.gather(1, idx_TK), self.num_experts,
+                                       logits_TE=logits_TE, probs_TE=probs_TE)
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         x_TD = self.check_input(x_TD)
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = check_finite_logits(self.gate(x_TD), "expert_choice")
         probs_TE = torch.softmax(logits_TE, dim=-1)
+        if self.is_causal():
+            return self.token_choice(logits_TE, probs_TE)
         if self.per_sequence and ctx is not None and ctx.batch_shape is not None:
             B, L = ctx.batch_shape
             if B * L != T:

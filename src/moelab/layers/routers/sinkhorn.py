@@ -50,7 +50,8 @@ from moelab.layers.routing import RoutingContext, RoutingResult
     "Nguyen et al. 2025, Selective Sinkhorn Routing for Improved Sparse MoE",
 )
 class SinkhornRouter(Router):
-    causal = False
+    causal = False  # training: the Sinkhorn plan couples every token of the batch
+    causal_eval = True  # eval: plain top-k of the logits, per token
     supports_aux_free = False  # in training a token's expert depends on the whole batch (balanced assignment)
 
     def __init__(self, cfg: MoEConfig, *, variant: str = "sbase", n_iters: int = 50, tol: float = 1e-4,

@@ -73,8 +73,13 @@ def merged_expert_tokens(experts, x_TD: Tensor, p_TE: Tensor) -> Tensor:
     paper="Muqeeth et al. 2023, Soft Merging of Experts with Adaptive Routing",
 )
 class SMEARRouter(Router):
-    causal = False  # merge="sequence" (default) is not causal; merge="token" is, but is reported conservatively
+    causal = False  # merge="sequence" (default); merge="token" is causal (is_causal)
     supports_aux_free = False
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        """Sequence merging reads the mean of the whole sequence, in training and eval alike; it has
+        no causal inference mode (autoregressive use is refused: ``moelab.models.causality``)."""
+        return self.merge == "token"
 
     def __init__(self, cfg: MoEConfig, *, merge: str = "sequence") -> None:
         super().__init__(cfg)
