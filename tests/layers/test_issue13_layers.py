@@ -170,3 +170,74 @@ def test_chain_of_experts_with_zero_experts_passes_the_right_stream():
         torch.testing.assert_close(out.detach(), h if residual == "inner" else x_att, atol=1e-6, rtol=1e-6)
     with pytest.raises(MoelabError, match="residual"):
         build_router(MoEConfig(d_model=D, router="chain_of_experts", router_kwargs={"residual": "both"}))
+
+
+# ----------------------------------------------------------------- group-limited routing with a bias
+def deepseek_v3_gate(x, weight, bias, n_groups, topk_groups, k, route_scale):
+    """DeepSeek-V3's inference ``Gate.forward`` (deepseek-ai/DeepSeek-V3, inference/model.py), sigmoid
+    scores, written out: groups scored on the *biased* scores by the sum of their top-2, the best
+    ``topk_groups`` kept, top-k of the biased scores inside them, weights from the unbiased scores
+    renormalised, times ``route_scale``."""
+    scores = torch.sigmoid(x @ weight.T)
+    original = scores
+    s = (scores + bias).view(x.shape[0], n_groups, -1)
+    group_scores = s.topk(2, dim=-1)[0].sum(dim=-1)
+    keep = group_scores.topk(topk_groups, dim=-1)[1]
+    mask = torch.ones(x.shape[0], n_groups, dtype=torch.bool).scatter_(1, keep, False)
+    s = s.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+    idx = s.topk(k, dim=-1)[1]
+    w = original.gather(1, idx)
+    return w / w.sum(-1, keepdim=True) * route_scale, idx
+
+
+def test_group_limited_routing_with_bias_matches_deepseek_v3_gate():
+    torch.manual_seed(0)
+    E, G, TG, K = 16, 4, 2, 4
+    cfg = MoEConfig(d_model=D, num_experts=E, k=K, router="sigmoid_topk", aux_free_bias=True, init_std=0.5,
+                    router_kwargs={"n_groups": G, "topk_groups": TG, "route_scale": 2.5})
+    router = build_router(cfg)
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.3
+    router.aux_free.bias_E.copy_(bias)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(2))
+    r = router.eval()(x)
+    w_ref, idx_ref = deepseek_v3_gate(x, router.gate.weight_ED.detach(), bias, G, TG, K, 2.5)
+    idx = r.expert_S.view(64, K)
+    order, order_ref = idx.argsort(-1), idx_ref.argsort(-1)
+    assert torch.equal(idx.gather(1, order), idx_ref.gather(1, order_ref))
+    torch.testing.assert_close(r.weight_S.view(64, K).detach().gather(1, order), w_ref.gather(1, order_ref))
+    # the bias matters here: without it the groups (and experts) chosen differ for some tokens
+    _, idx_nobias = deepseek_v3_gate(x, router.gate.weight_ED.detach(), torch.zeros(E), G, TG, K, 2.5)
+    assert not torch.equal(idx_nobias.sort(-1).values, idx_ref.sort(-1).values)
+
+
+# ----------------------------------------------------------------- never fail silently (section 3)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_moe_layer_input_dtype_other_than_the_parameters_is_a_named_error(dtype):
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, k=2))
+    with pytest.raises(MoelabError, match=f"x has dtype {dtype}.*torch.float32"):
+        layer(torch.randn(5, 8, dtype=dtype))
+
+
+def test_moe_layer_in_float64_matches_float32():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, k=2))
+    x = torch.randn(7, 8)
+    y32 = layer(x).detach()
+    y64 = copy.deepcopy(layer).double()(x.double()).detach()
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), y32, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed
+        assert layer(x.bfloat16()).shape == (7, 8)
+
+
+@pytest.mark.parametrize("router", sorted(__import__("moelab.layers.routers", fromlist=["ROUTERS"]).ROUTERS.names()))
+def test_moe_layer_on_zero_tokens_reports_finite_losses(router):
+    """Before: every router with a Switch loss reported aux_loss = NaN (0/0); SMEAR raised a raw
+    reshape error. Now: an empty output and finite (zero) losses."""
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, k=2, router=router, z_loss_coef=0.1))
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    y = layer(x, RoutingContext(batch_shape=(0, 5), token_ids_T=torch.zeros(0, dtype=torch.long)))
+    assert y.shape == (0, 5, 8)
+    assert all(bool(torch.isfinite(v)) for v in layer.last_aux.values()), layer.last_aux
+    assert all(float(v) == 0.0 for k, v in layer.last_aux.items() if k in ("aux_loss", "z_loss"))
+    y.sum().backward()

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moelab.errors import MoelabError
+from moelab.layers.balancing import switch_aux_loss
 from moelab.layers.layouts import SCHEDULES, expert_schedule, pool_balance_loss, schedule_shape
 
 
@@ -48,6 +49,8 @@ def test_pool_loss_detects_starvation_hidden_by_per_layer_balance():
     counts[:4] = 2 * T_layer / 4  # both layers together
     probs_sum = torch.zeros(P)
     probs_sum[:4] = 2 * T_layer / 4
-    per_layer = 4 * ((counts[:4] / 2) / (k * T_layer) * (probs_sum[:4] / 2) / T_layer).sum()
-    assert per_layer.item() == pytest.approx(1.0)  # each layer, over its own 4 experts, is balanced
+    # each layer, over its own 4 experts, is balanced: the library's Switch loss of one layer's routing
+    probs_TE = torch.full((T_layer, 4), 0.25)
+    per_layer = switch_aux_loss(probs_TE, torch.full((4,), T_layer / 4))
+    assert per_layer.item() == pytest.approx(1.0)
     assert pool_balance_loss(counts, probs_sum, 2 * T_layer, k).item() == pytest.approx(2.0)

@@ -199,8 +199,11 @@ def test_exact_mode_attaches_the_same_step_pool_loss_on_the_last_layer():
     owner, layers, model, opt = _stack_with_hook("exact")
     run_stack(layers, torch.randn(24, D))
     assert "pool_loss" not in layers[0].last_aux and "pool_loss" not in layers[1].last_aux
-    expected = 0.1 * exact_pool_loss(_usage_of_last_forward(owner, layers), 6)
-    assert layers[2].last_aux["pool_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # by hand: f = the pool's slot shares over all layers, pbar = the layers' mean softmax over the pool
+    counts = sum(torch.bincount(l.last_routing.expert_S, minlength=6).double() for l in layers)
+    p_bar = sum(l.last_routing.probs_TE.double().sum(0) for l in layers) / (3 * 24)
+    expected = 0.1 * 6 * float((counts / counts.sum() * p_bar).sum())
+    assert layers[2].last_aux["pool_loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_lagged_mode_uses_the_previous_optimizer_steps_pool_counts():

@@ -188,7 +188,19 @@ def test_noisy_topk_paper_losses():
     ref = 0.5 * importance.var(unbiased=False) / importance.mean() ** 2
     torch.testing.assert_close(r.aux_losses["importance"].detach(), ref, atol=1e-6, rtol=1e-4)
     load = r.aux_losses["load"]
-    assert bool(torch.isfinite(load)) and float(load.detach()) >= 0
+    # oracle (Shazeer et al. 2017, appendix A), per token and expert: P = Phi((clean - kth_excl) / std)
+    H = r.logits_TE.detach()
+    clean = x @ router.gate.weight_ED.detach().T
+    std = torch.nn.functional.softplus(x @ router.noise_gate.weight_ED.detach().T)
+    P = torch.zeros(30, 4)
+    for t in range(30):
+        for i in range(4):
+            others = torch.cat([H[t, :i], H[t, i + 1:]]).sort(descending=True).values
+            z = (clean[t, i] - others[1]) / std[t, i]  # the k-th (k=2) largest of H excluding i
+            P[t, i] = 0.5 * (1 + math.erf(float(z) / math.sqrt(2.0)))
+    load_sum = P.sum(0)
+    ref_load = 0.25 * load_sum.var(unbiased=False) / load_sum.mean() ** 2
+    torch.testing.assert_close(load.detach(), ref_load, atol=1e-6, rtol=1e-4)
     load.backward()
     assert router.noise_gate.weight_ED.grad.abs().sum() > 0 and router.gate.weight_ED.grad.abs().sum() > 0
     assert "load" not in router.eval()(x).aux_losses  # the load estimator needs the noise

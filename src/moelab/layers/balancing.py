@@ -62,8 +62,8 @@ def normalize_probs(probs_TE: Tensor) -> Tensor:
 
 
 def _mean_over_valid(x_TE: Tensor, valid_T: Tensor | None) -> Tensor:
-    if valid_T is None:
-        return x_TE.mean(0)
+    if valid_T is None:  # 0 tokens give 0, not NaN (0/0)
+        return x_TE.sum(0) / max(x_TE.shape[0], 1)
     w_T = valid_T.to(x_TE.dtype)
     return (x_TE * w_T[:, None]).sum(0) / w_T.sum().clamp_min(1.0)
 
@@ -166,7 +166,7 @@ def z_loss(logits_TE: Tensor, valid_T: Tensor | None = None) -> Tensor:
     lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
     sq_T = lse_T.square()
     if valid_T is None:
-        return sq_T.mean()
+        return sq_T.sum() / max(sq_T.shape[0], 1)
     w_T = valid_T.to(sq_T.dtype)
     return (sq_T * w_T).sum() / w_T.sum().clamp_min(1.0)
 

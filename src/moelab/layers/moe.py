@@ -137,6 +137,19 @@ class MoELayer(nn.Module):
             losses[name] = losses[name] + v if name in losses else v
         return losses
 
+    def _check_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the experts compute in: their parameters'. A different input dtype is refused by
+        name, except under autocast, where the input is cast to it (the output is cast back; autocast
+        does not cover the grouped matmul). Router math is fp32 whatever the dtype."""
+        w = self.experts.w_up_EFD
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise MoelabError(
+                f"x has dtype {x.dtype} but the MoE layer's expert parameters are {w.dtype}; expected x.dtype="
+                f"{w.dtype}: cast the input (x.to({w.dtype})), the layer (layer.to({x.dtype})), or run under "
+                "torch.autocast"
+            )
+        return w.dtype
+
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         D = self.cfg.d_model
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != D:
@@ -144,7 +157,7 @@ class MoELayer(nn.Module):
             raise MoelabError(f"x has shape {shape}; expected [..., d_model={D}]")
         if not x.is_floating_point():
             raise MoelabError(f"x has dtype {x.dtype}; expected a floating dtype")
-        x_TD = x.reshape(-1, D)
+        x_TD = x.reshape(-1, D).to(self._check_dtype(x))
         forward_layer = getattr(self.router, "forward_layer", None)
         if forward_layer is not None:
             y_TD, routing = forward_layer(self, x_TD, ctx)
@@ -161,4 +174,4 @@ class MoELayer(nn.Module):
         self.last_aux = {n: v.detach() for n, v in aux.items()}
         self.last_routing = _detach_routing(routing)
         self.last_stats = routing_stats(self.last_routing)
-        return y_TD.reshape(x.shape)
+        return y_TD.reshape(x.shape).to(x.dtype)

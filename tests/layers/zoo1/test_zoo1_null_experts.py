@@ -86,19 +86,43 @@ def test_balance_loss_counts_null_experts_and_ignores_padding():
     assert "aux_loss" not in r0(x).aux_losses
 
 
-def test_balance_loss_is_one_at_perfect_balance():
-    # uniform probabilities and a choice that hits every one of the E+m experts equally often
-    N = 4
-    probs = torch.full((4, N), 1.0 / N)
-    chosen = torch.eye(N, dtype=torch.bool)
-    assert torch.allclose(balance_oracle(probs, chosen, torch.ones(4, dtype=torch.bool)), torch.tensor(1.0))
+def test_balance_loss_of_the_router_at_uniform_probabilities_is_one_and_collapse_scores_more():
+    """The library's loss (not the oracle): uniform probabilities give N * sum_i f_i / N = 1 by hand,
+    whatever the choice; all tokens on the same 4 of 12 experts with their mass there give more."""
+    r = build_router(cfg(aux_loss_coef=0.5))
+    with torch.no_grad():
+        r.gate.weight_ED.zero_()
+    x = torch.randn(9, 10)
+    assert r(x).aux_losses["aux_loss"].item() == pytest.approx(0.5 * 1.0, rel=1e-6)
+    with torch.no_grad():
+        r.gate.weight_ED[:4, 0] = 50.0  # experts 0..3 take every token, with probability ~1/4 each
+    x = torch.zeros(9, 10)
+    x[:, 0] = 1.0
+    # f = 1/4 on experts 0..3, P ~ 1/4 there: 12 * 4 * (1/4 * 1/4) = 3
+    assert r(x).aux_losses["aux_loss"].item() == pytest.approx(0.5 * 3.0, rel=1e-4)
 
 
-def test_top_p_selection_variant():
+def test_top_p_selection_variant_matches_a_per_token_loop():
+    """Oracle: sort the E+m probabilities, keep experts until the mass before reaches p (at most
+    k'), drop the null ones, renormalise the real ones."""
     torch.manual_seed(2)
-    r = build_router(cfg(router_kwargs={"selection": "top_p", "p": 0.5, "k": 12}))
-    res = r(torch.randn(30, 10)).validate()
-    assert res.k is None and res.num_slots <= 30 * 12
+    r = build_router(cfg(router_kwargs={"selection": "top_p", "p": 0.5, "k": 5}))
+    x = torch.randn(30, 10)
+    res = r(x).validate()
+    probs = (x @ r.gate.weight_ED.detach().t()).softmax(-1)
+    dense = torch.zeros(30, 6)
+    for t in range(30):
+        kept, mass = [], 0.0
+        for e in probs[t].argsort(descending=True).tolist():
+            if mass >= 0.5 or len(kept) == 5:
+                break
+            kept.append(e)
+            mass += float(probs[t, e])
+        real = [e for e in kept if e < 6]
+        for e in real:
+            dense[t, e] = probs[t, e] / sum(probs[t, j] for j in real)
+    assert res.k is None
+    torch.testing.assert_close(res.dense_TE().detach(), dense, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{"num_null": 0}, {"k": 13}, {"selection": "x"}, {"balance_coef": -1.0}])

@@ -101,7 +101,7 @@ class SMEARRouter(Router):
         x_TD = self.check_input(x_TD)
         T, E = x_TD.shape[0], self.num_experts
         B, L = self._groups(T, ctx)
-        if self.merge == "token":
+        if self.merge == "token" or T == 0:  # no tokens: nothing to merge, an empty routing
             logits_TE = check_finite_logits(self.gate(x_TD), "smear")
         else:
             vf = valid_mask(ctx, T, x_TD.device).float().view(B, L, 1)
@@ -120,7 +120,9 @@ class SMEARRouter(Router):
         p_TE = routing.probs_TE
         T = x_TD.shape[0]
         B, L = self._groups(T, ctx)
-        if self.merge == "token":
+        if T == 0:
+            y_TD = x_TD.new_zeros(x_TD.shape)
+        elif self.merge == "token":
             y_TD = merged_expert_tokens(experts, x_TD, p_TE)
         else:
             p_BE = p_TE.view(B, L, -1)[:, 0]
