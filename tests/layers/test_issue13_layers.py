@@ -116,7 +116,7 @@ def _coe_block(residual: str, zero_experts: bool):
     from moelab.models.transformer import Block
 
     torch.manual_seed(0)
-    moe = MoEConfig(d_model=D, d_ff=24, num_experts=4, k=2, router="chain_of_experts", init_std=0.3,
+    moe = MoEConfig(d_model=D, d_ff=24, num_experts=4, k=2, router="chain_of_experts", init_std=0.3, aux_loss="none",
                     router_kwargs={"n_iters": 2, "residual": residual})
     mcfg = ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, d_ff_dense=32, max_seq_len=8, moe=moe)
     layer = MoELayer(moe)
@@ -154,12 +154,22 @@ def _chain_oracle(router, experts, h_TD, inner: bool):
 def test_chain_of_experts_block_residual_modes(residual):
     """Official CoE: inner = norm(h) + updates, no outer residual; outer = h + chain, no inner
     residual. Before: the block returned h + norm(h) + updates (neither mode)."""
+    from moelab.models.transformer import rope_tables
+
     block, layer = _coe_block(residual, zero_experts=False)
-    x_att, h, out = _block_io(block)
-    with torch.no_grad():
-        chain = _chain_oracle(layer.router, layer.experts, h.reshape(10, D), inner=residual == "inner").view(2, 5, D)
+    cos, sin = rope_tables(D // 2, 8, 10000.0)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out = block(x, cos, sin, RoutingContext(batch_shape=(2, 5), state={}))
+    x2 = x.detach().clone().requires_grad_(True)  # oracle: the block's pieces, the chain as a loop
+    x_att = x2 + block.attn(block.attn_norm(x2), cos, sin)
+    chain = _chain_oracle(layer.router, layer.experts, block.ffn_norm(x_att).reshape(10, D),
+                          inner=residual == "inner").view(2, 5, D)
     want = chain if residual == "inner" else x_att + chain
-    torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(4))
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_chain_of_experts_with_zero_experts_passes_the_right_stream():

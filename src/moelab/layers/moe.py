@@ -141,7 +141,8 @@ class MoELayer(nn.Module):
         """The dtype the experts compute in: their parameters'. A different input dtype is refused by
         name, except under autocast, where the input is cast to it (the output is cast back; autocast
         does not cover the grouped matmul). Router math is fp32 whatever the dtype."""
-        w = self.experts.w_up_EFD
+        banks = getattr(self.experts, "banks", None)  # a pool window: read the bank (no concatenation)
+        w = banks[0].w_up_EFD if banks else self.experts.w_up_EFD
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise MoelabError(
                 f"x has dtype {x.dtype} but the MoE layer's expert parameters are {w.dtype}; expected x.dtype="
