@@ -90,13 +90,14 @@ class CollapseMonitor:
         if self._warned.get(index):
             return None
         self._warned[index] = True
-        return self._message(step, index, counts, mom, bound, starved)
+        return self._message(step, index, counts, mom, bound, starved, self._high[index])
 
-    def _message(self, step, index, counts, mom, bound, starved) -> str:
+    def _message(self, step, index, counts, mom, bound, starved, high_streak) -> str:
         total = sum(counts)
         top = sorted(range(len(counts)), key=lambda e: -counts[e])[:2]
         share = ", ".join(f"expert {e} {100 * counts[e] / total:.1f}%" for e in top)
-        parts = [f"load max/mean {mom:.2f}" + (f" (maximum E/k = {bound:.2f})" if bound else "")]
+        parts = [f"load max/mean {mom:.2f}" + (f" (maximum E/k = {bound:.2f})" if bound else "")
+                 + (f" for {high_streak} steps" if high_streak >= self.window else "")]
         if starved:
             parts.append(f"{len(starved)} of {len(counts)} experts got no tokens for {self.window} steps "
                          f"(experts {starved})")
