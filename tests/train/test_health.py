@@ -177,3 +177,27 @@ def test_trainer_reports_collapse_in_log_and_metrics(micro, tmp_path, capsys):
     assert rec["layers"][0]["counts"][2:] == [0] * 6 and len(rec["warnings"]) == 2
     assert "expert 0 50.0%" in rec["warnings"][0]
     assert len(summary["warnings"]) == 2
+
+
+def test_router_finite_check_becomes_a_divergence_naming_the_step(micro, tmp_path):
+    """MoE runs used to stop only through the router's own check, whose message names no step."""
+    real_init = trainer_mod.MoETransformer.__init__
+    calls = {"n": 0}
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        layer = next(iter(self.moe_layers()))[1]
+
+        def poison(m, i, out):
+            calls["n"] += 1
+            return out * float("nan") if calls["n"] == 3 else out
+
+        layer.router.gate.register_forward_hook(poison)
+
+    trainer_mod.MoETransformer.__init__ = init
+    try:
+        with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*\[router .*non-finite"):
+            train(micro(steps=5, ckpt_every=1), tmp_path / "run", progress="off")
+    finally:
+        trainer_mod.MoETransformer.__init__ = real_init
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 2

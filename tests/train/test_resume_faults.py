@@ -180,3 +180,23 @@ def test_kill_9_while_saving_then_resume_is_exact(micro, tmp_path, where, stale)
     train(micro(steps=6, ckpt_every=1, keep_last=2), run, resume=True, progress="off")
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())  # stale folder removed
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(straight)), rtol=0, atol=1e-6)
+
+
+def test_config_json_is_written_atomically(tmp_path, monkeypatch):
+    """Fault injection: the rename that publishes the new config.json fails; the old one is intact."""
+    from moelab.train.config import RunConfig
+
+    f = tmp_path / "config.json"
+    cfg = RunConfig()
+    cfg.save(f)
+    before = f.read_text()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    cfg.train.steps = 5
+    with pytest.raises(OSError, match="disk full"):
+        cfg.save(f)
+    monkeypatch.undo()
+    assert f.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.json"]

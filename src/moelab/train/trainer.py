@@ -393,11 +393,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                       "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt, "tokens": tokens_seen,
                       "layers": [{"layer": i, **jsonable(getattr(layer, "last_stats", {}) or {})}
                                  for i, layer in model.moe_layers()]}
-            if bad:
-                record["skipped"] = True
             if fatal:
                 metrics.write({**record, "error": fatal})
                 raise TrainingDiverged(fatal)
+            if bad:
+                record["skipped"] = True
             warns = health.check(step, record)
             if warns:
                 record["warnings"] = warns
