@@ -4,6 +4,7 @@ traceback or a silently wrong result. One table, one run directory copied per ca
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -73,7 +74,7 @@ def test_named_error(trained, tmp_path, capsys, damage, command, pattern):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("moelab: error: ") and "Traceback" not in err
-    assert __import__("re").search(pattern, err), err
+    assert re.search(pattern, err), err
 
 
 @pytest.mark.parametrize("kw, pattern", [
