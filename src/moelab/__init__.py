@@ -14,6 +14,8 @@ Subpackages: ``moelab.layers`` (routers, balancing, experts, dispatch, layouts),
 (model-level routing among LLMs).
 """
 
+from moelab import _threads  # noqa: F401 -- first: OMP_WAIT_POLICY must be set before torch loads
+
 __version__ = "0.1.0"
 
 from moelab.errors import MoelabError

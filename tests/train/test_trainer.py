@@ -1,4 +1,4 @@
-"""The training loop: learning, metrics, resume exactness, Ctrl-C, grad accumulation, run dirs."""
+"""The training loop: learning, metrics, resume exactness, Ctrl-C, run dirs."""
 
 from __future__ import annotations
 
@@ -127,34 +127,7 @@ def test_keyboard_interrupt_mid_step_saves_last_completed_step(micro, tmp_path, 
     assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
 
 
-def test_grad_accumulation_matches_big_batch(micro, tmp_path):
-    """Dense model: accum 2 x batch 2 == accum 1 x batch 4 (the stream's window order does not depend
-    on the batch size, so both see the same sequences): same losses and weights."""
-    cfg_a = micro(steps=3, batch_size=4, grad_accum=1)
-    cfg_b = micro(steps=3, batch_size=2, grad_accum=2)
-    for c in (cfg_a, cfg_b):
-        c.model.moe_layers = "none"
-    train(cfg_a, tmp_path / "a", progress="off")
-    train(cfg_b, tmp_path / "b", progress="off")
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "b")), torch.tensor(losses(tmp_path / "a")),
-                               rtol=1e-5, atol=1e-5)
-    wa, wb = load_run(tmp_path / "a").model.state_dict(), load_run(tmp_path / "b").model.state_dict()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
-
-
-def test_aux_loss_scale_is_one_over_accum(micro, tmp_path, monkeypatch):
-    import moelab.layers.balancing as bal
-
-    seen, real = [], bal.install_aux_free_hook
-
-    def spy(optimizer, model):
-        seen.extend(layer.aux_loss_scale for _, layer in model.moe_layers())
-        return real(optimizer, model)
-
-    monkeypatch.setattr(bal, "install_aux_free_hook", spy)
-    train(micro(steps=1, batch_size=1, grad_accum=4), tmp_path / "run", progress="off")
-    assert seen == [0.25, 0.25]
+# Gradient accumulation (MoE, every balancing mode) and aux_loss_scale: tests/train/test_accumulation.py
 
 
 def test_existing_run_dir_refused(micro, tmp_path):

@@ -20,7 +20,7 @@ from moelab.analysis import metrics as M
 from moelab.analysis.trace import (
     Trace, check_same_model, checkpoint_checksum, config_hash, list_checkpoints, read_json, read_jsonl, trace_run,
 )
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, check_range
 
 
 def _clean(x: Any) -> Any:
@@ -175,6 +175,8 @@ def pick_steps(steps: list[int], max_traces: int) -> list[int]:
         raise MoelabError(f"max_traces={max_traces} must be >= 1")
     if len(steps) <= max_traces:
         return list(steps)
+    if max_traces == 1:  # linspace(0, n-1, 1) is [0]: the first step, not the promised last
+        return [steps[-1]]
     idx = np.unique(np.round(np.linspace(0, len(steps) - 1, max_traces)).astype(int))
     return [steps[i] for i in idx]
 
@@ -191,6 +193,8 @@ def analyze_run(run_dir: str | Path, *, steps: list[int] | None = None, max_trac
     Stability is reported between consecutive traced checkpoints and against the last one.
     """
     run_dir = Path(run_dir)
+    check_range("num_windows", num_windows, low=1)
+    check_range("max_traces", max_traces, low=1)
     config, metrics, evals, summary = load_run_records(run_dir)
     ra = RunAnalysis(run_dir=run_dir, config=config, metrics=metrics, evals=evals, summary_json=summary)
     if traces is not None:

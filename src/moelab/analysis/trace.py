@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moelab.analysis import metrics as M
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, check_range
 
 TRACE_FORMAT = 1
 _CKPT_RE = re.compile(r"^step_(\d+)$")
@@ -413,6 +413,7 @@ def trace_run(run_dir: str | Path, step: int | None = None, *, num_windows: int 
     checkpoints of one run.
     """
     run_dir = Path(run_dir)
+    check_range("num_windows", num_windows, low=1)
     steps = list_checkpoints(run_dir)
     if step is None:
         step = steps[-1]

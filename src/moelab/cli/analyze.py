@@ -24,10 +24,13 @@ def _kw(args: argparse.Namespace) -> dict:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from moelab.analysis.analyses import analyze_run
+    from moelab.errors import MoelabError
 
     ra = analyze_run(args.run_dir, **_kw(args))
     print(json.dumps(ra.summary(), indent=1))
     print(f"wrote {Path(args.run_dir) / 'analysis'}")
+    if ra.trace_error:  # the metrics part was written, but the routing traces asked for are missing
+        raise MoelabError(f"tracing {args.run_dir!r} failed: {ra.trace_error} (use --no-trace for the metrics only)")
     return 0
 
 

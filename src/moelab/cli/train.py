@@ -242,8 +242,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             counts = MoETransformer(cfg.model).num_parameters()
     except Exception:  # noqa: BLE001 -- a layer that cannot be built on meta: build it for real
         counts = MoETransformer(cfg.model).num_parameters()
+    from moelab.train.run import read_json_file
+
     p = Path(args.run) / SUMMARY_FILE
-    summary = json.loads(p.read_text()) if p.is_file() else {}
+    summary = read_json_file(p) if p.is_file() else {}
     if args.json:
         from moelab.layers.pool import layout_report
 

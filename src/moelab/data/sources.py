@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,23 @@ def _text_files(root: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def read_text_checked(path: Path, name: str, bad: dict[str, str]) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 become U+FFFD with a warning (and ``bad[name]``
+    says how many and where, for the manifest), never silently."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        bad[name] = f"{text.count(chr(0xFFFD))} U+FFFD replacements, first invalid byte at offset {e.start}"
+        warnings.warn(f"{str(path)!r} is not valid UTF-8: {bad[name]} (the text keeps the replacement characters)",
+                      UnicodeWarning, stacklevel=2)
+        return text
+
+
+def _bad_info(bad: dict[str, str]) -> dict[str, Any]:
+    return {"non_utf8_files": dict(sorted(bad.items()))} if bad else {}
+
+
 def read_folder(cfg: DataConfig) -> tuple[list[Document], dict[str, Any]]:
     """One document per .txt/.md file; domain = first sub-folder (files at the top: the folder name)."""
     root = Path(cfg.source).expanduser()
@@ -150,13 +168,13 @@ def read_folder(cfg: DataConfig) -> tuple[list[Document], dict[str, Any]]:
     if not files:
         raise MoelabError(f"source={cfg.source!r} is a folder with no {'/'.join(TEXT_SUFFIXES)} files "
                           "(dataset is empty)")
-    docs, per = [], {}
+    docs, per, bad = [], {}, {}
     for p in files:
         rel = p.relative_to(root)
         domain = rel.parts[0] if len(rel.parts) > 1 else root.resolve().name
-        docs.append(Document(rel.as_posix(), p.read_text(encoding="utf-8", errors="replace"), domain))
+        docs.append(Document(rel.as_posix(), read_text_checked(p, rel.as_posix(), bad), domain))
         per[domain] = per.get(domain, 0) + 1
-    return docs, {"files_per_domain": dict(sorted(per.items()))}
+    return docs, {"files_per_domain": dict(sorted(per.items())), **_bad_info(bad)}
 
 
 def split_text(text: str, target_chars: int = SINGLE_FILE_DOC_CHARS) -> list[str]:
@@ -179,11 +197,12 @@ def split_text(text: str, target_chars: int = SINGLE_FILE_DOC_CHARS) -> list[str
 def read_text_file(cfg: DataConfig) -> tuple[list[Document], dict[str, Any]]:
     """A single text file, cut into ~2,000-character documents at blank lines; domain = file stem."""
     p = Path(cfg.source).expanduser()
-    text = p.read_text(encoding="utf-8", errors="replace")
+    bad: dict[str, str] = {}
+    text = read_text_checked(p, p.name, bad)
     if not text.strip():
         raise MoelabError(f"source={cfg.source!r} is an empty text file (0 characters; dataset is empty)")
     docs = [Document(f"{p.stem}/{i:07d}", chunk, p.stem) for i, chunk in enumerate(split_text(text))]
-    return docs, {"files_per_domain": {p.stem: 1}}
+    return docs, {"files_per_domain": {p.stem: 1}, **_bad_info(bad)}
 
 
 # --------------------------------------------------------------------------- JSONL
@@ -210,8 +229,13 @@ def read_jsonl(cfg: DataConfig) -> tuple[list[Document], dict[str, Any]]:
     """One document per line of a .jsonl file (``text_field``; ``domain_field`` or the file stem)."""
     p = Path(cfg.source).expanduser()
     docs = []
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(p, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MoelabError(f"source={cfg.source!r} line {i} is not valid UTF-8 (byte offset {e.start} "
+                                  "of the line); JSON Lines must be UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -115,7 +115,10 @@ class Tokenizer:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise MoelabError(f"path={str(path)!r} has no tokenizer.json")
-        return cls.from_str(p.read_text(encoding="utf-8"))
+        try:
+            return cls.from_str(p.read_text(encoding="utf-8"))
+        except Exception as e:  # noqa: BLE001 -- json and the tokenizers library raise several kinds
+            raise MoelabError(f"tokenizer file {str(p)!r} is corrupted or truncated: {type(e).__name__}: {e}") from None
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"

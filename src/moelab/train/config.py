@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moelab.data.corpus import DataConfig
+from moelab.data.corpus import DataConfig, atomic_write_bytes
 from moelab.errors import MoelabError, check_choice, check_range
 from moelab.layers.config import MoEConfig
 from moelab.models.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,11 @@ class TrainConfig:
     the end). eval_max_batches: cap on validation batches per evaluation (None = the whole split).
     keep_last: checkpoints kept. log_every: plain log line period when stdout is not a terminal.
     dtype: "bfloat16" runs forward/backward under autocast. compile: wrap the model in torch.compile.
+    on_nonfinite: what a step with a NaN/inf loss or gradient norm does: "stop" (default; raise naming the
+    step, no update, no checkpoint) or "skip" (drop that step's update; stop after max_skipped_steps
+    consecutive skips). collapse_window / collapse_ratio: warn when an MoE layer's load max/mean stays
+    >= collapse_ratio * E/k, or an expert gets no tokens, for collapse_window steps (0 = off).
+    See moelab.train.monitor.
     """
 
     steps: int = 1000
@@ -58,11 +64,16 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     threads: int | None = None
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    collapse_window: int = 20
+    collapse_ratio: float = 0.9
 
     def validate(self) -> "TrainConfig":
+        check_field_types(self, "train")
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
             check_range(f"train.{name}", getattr(self, name), low=1)
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "collapse_window"):
             check_range(f"train.{name}", getattr(self, name), low=0)
         check_range("train.lr", self.lr, low=0.0, low_inclusive=False)
         check_range("train.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
@@ -73,7 +84,44 @@ class TrainConfig:
                 check_range(f"train.{name}", getattr(self, name), low=1)
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.device", self.device, DEVICES)
+        check_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+        check_range("train.max_skipped_steps", self.max_skipped_steps, low=1)
+        check_range("train.collapse_ratio", self.collapse_ratio, low=0.0, high=1.0, low_inclusive=False)
         return self
+
+
+def _type_ok(value: Any, tp: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``tp`` (None: a type this check does not judge)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_type_ok(value, a) for a in args]
+        return True if any(v is True for v in verdicts) else (None if None in verdicts else False)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, dict) or tp in (list, dict):
+        return isinstance(value, origin or tp)
+    return None
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """MoelabError naming the first field whose value does not have its annotated type
+    (e.g. ``TrainConfig(lr="0.1")``: ``train.lr='0.1' is not valid; expected float``)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            continue
+        if _type_ok(value, hints[f.name]) is False:
+            raise MoelabError(f"{prefix}.{f.name}={value!r} is not valid; expected {_type_name(hints[f.name])} "
+                              f"(got {type(value).__name__})")
 
 
 @dataclass(kw_only=True)
@@ -85,6 +133,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
+        for obj, prefix in ((self.model, "model"), (self.model.moe, "moe"), (self.data, "data")):
+            check_field_types(obj, prefix)
         self.train.validate()
         self.model.validate()
         try:
@@ -104,7 +154,8 @@ class RunConfig:
         return apply_dict(cfg, d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``config.json`` atomically (a crash never leaves half a file)."""
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from moelab.data.corpus import atomic_write_bytes
 
 
 def jsonable(x: Any) -> Any:
@@ -57,10 +60,34 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_after(path: str | Path, step: int) -> None:
-    """Drop records with ``step`` > ``step`` (used when resuming from an earlier checkpoint)."""
+def truncate_after(path: str | Path, step: int, warn: Callable[[str], None] | None = None) -> None:
+    """Drop records with ``step`` > ``step`` (used when resuming from an earlier checkpoint); atomic.
+
+    A line that is not valid JSON is never dropped silently: one among the kept records is kept
+    verbatim, one after them (a line cut by a crash, or a record past ``step``) is dropped; either
+    way ``warn`` is told the file and line number.
+    """
     p = Path(path)
     if not p.is_file():
         return
-    keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
-    p.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    steps = [_step_of(line) for line in lines]
+    last_kept = max((i for i, s in enumerate(steps) if s is not None and s <= step), default=-1)
+    keep = []
+    for i, (line, s) in enumerate(zip(lines, steps)):
+        if s is None and line.strip():
+            fate = "kept as is" if i < last_kept else "dropped"
+            if warn is not None:
+                warn(f"warning: {p.name} line {i + 1} is not a valid JSON record ({line[:60]!r}); {fate}")
+        if (s is None and i < last_kept and line.strip()) or (s is not None and s <= step):
+            keep.append(line + "\n")
+    atomic_write_bytes(p, "".join(keep).encode("utf-8"))
+
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a JSON-lines record, None for a malformed line (0 when a record has no step)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return int(rec.get("step", 0)) if isinstance(rec, dict) and isinstance(rec.get("step", 0), (int, float)) else None

@@ -29,14 +29,26 @@ class LoadedRun:
 
     def summary(self) -> dict[str, Any]:
         p = self.run_dir / SUMMARY_FILE
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_json_file(p) if p.is_file() else {}
+
+
+def read_json_file(path: Path) -> Any:
+    """``json.loads`` of a run file, with a MoelabError naming the file when it is truncated or corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MoelabError(f"{str(path)!r} is corrupted or truncated: not valid JSON ({e})") from None
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
     p = Path(run_dir) / CONFIG_FILE
     if not p.is_file():
         raise MoelabError(f"run_dir={str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-    return RunConfig.from_dict(json.loads(p.read_text()))
+    d = read_json_file(p)
+    try:
+        return RunConfig.from_dict(d)
+    except MoelabError as e:
+        raise MoelabError(f"{str(p)!r} is not a valid run config: {e}") from None
 
 
 def load_run(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu") -> LoadedRun:
@@ -50,6 +62,6 @@ def load_run(run_dir: str | Path, step: int | None = None, *, device: str | torc
     path = ckpt.find_checkpoint(run_dir / CKPT_DIR, step)
     model_sd, _, state = ckpt.read_checkpoint(path, with_optimizer=False)
     model = MoETransformer(config.model)
-    model.load_state_dict(model_sd)
+    ckpt.load_model_state(model, model_sd, path)
     model.to(device).eval()
     return LoadedRun(model=model, config=config, tokenizer=tokenizer, step=int(state["step"]), run_dir=run_dir)

@@ -12,6 +12,16 @@ Determinism: the model is initialised from ``train.seed``; the data order is a f
 ``data.seed`` and the stream position; checkpoints hold weights, optimizer state, RNG states and the
 stream position, so a resumed run repeats the losses of an uninterrupted one.
 
+Health (moelab.train.monitor): every step checks the loss and the gradient norm before the
+optimizer step; a non-finite one stops the run with :class:`TrainingDiverged` naming the step (or
+is skipped, ``train.on_nonfinite="skip"``), and no checkpoint with non-finite weights is ever
+written. A loss worse than uniform guessing and routing collapse are warned about in the log and
+in the step's ``warnings`` list of metrics.jsonl (and in summary.json).
+
+Resume: stale ``.tmp-*`` folders are deleted; the newest checkpoint that verifies (weights,
+optimizer and state.json checksums, step = folder name) is used, with a warning for each corrupt
+newer one.
+
 Ctrl-C: the first SIGINT asks the loop to stop after the current step; it then saves a checkpoint
 and returns (``summary["interrupted"]``). A KeyboardInterrupt raised elsewhere also saves the last
 completed step before returning.
@@ -41,7 +51,9 @@ from moelab.models.causality import non_causal_layers
 from moelab.models.transformer import MoETransformer
 from moelab.train import checkpoint as ckpt
 from moelab.train.config import RunConfig
+from moelab.data.corpus import atomic_write_bytes
 from moelab.train.metrics import JsonlLog, jsonable, read_jsonl, truncate_after
+from moelab.train.monitor import CollapseMonitor, TrainingDiverged, above_uniform_message, is_finite, nonfinite_message
 from moelab.train.progress import Progress
 
 CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE = "config.json", "data_manifest.json", "tokenizer.json"
@@ -158,6 +170,124 @@ def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
     return flag, lambda: signal.signal(signal.SIGINT, previous)
 
 
+
+def _forward_backward(fwd, model: torch.nn.Module, stream: TrainStream, tcfg, device: torch.device,
+                      step_no: int) -> tuple[dict[str, float], int, float, str | None]:
+    """``grad_accum`` micro-batches of forward + backward, then the global gradient norm (clipped when
+    ``grad_clip > 0``). Returns ``(sums of loss/lm_loss/aux_loss, tokens, grad_norm, why)``; a layer's
+    own non-finite check (router logits) makes the loss NaN with ``why`` its message."""
+    sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+    n_tokens = 0
+    try:
+        for _ in range(tcfg.grad_accum):
+            batch = stream.next_batch().to(device)
+            with autocast(device, tcfg.dtype):
+                out = fwd(batch.input_ids_BL, labels_BL=batch.labels_BL, valid_BL=batch.valid_BL)
+            (out.loss / tcfg.grad_accum).backward()
+            sums["loss"] += float(out.loss.detach())
+            sums["lm_loss"] += float(out.lm_loss.detach())
+            sums["aux_loss"] += float(out.aux_loss)
+            n_tokens += batch.n_valid
+    except MoelabError as e:
+        if "finite" not in str(e):
+            raise MoelabError(f"at step {step_no}: {e}") from e
+        return {k: float("nan") for k in sums}, n_tokens, float("nan"), str(e)
+    return sums, n_tokens, _grad_norm(model, tcfg.grad_clip), None
+
+
+def _grad_norm(model: torch.nn.Module, clip: float) -> float:
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: TrainStream,
+            warn: Callable[[str], None]) -> tuple[int, int]:
+    """Load the newest valid checkpoint (moving corrupt newer ones aside); returns (step, tokens_seen)."""
+    root = run_dir / CKPT_DIR
+    found = ckpt.read_newest_valid(root, warn=warn)
+    step = tokens = 0
+    if found is not None:
+        path, (model_sd, optim_sd, state) = found
+        for _, p in ckpt.list_checkpoints(root):
+            if p.name > path.name:  # corrupt and newer: out of the step_* namespace, kept for inspection
+                aside = p.with_name(f"corrupt-{p.name}-{int(time.time())}")
+                p.rename(aside)
+                warn(f"moved the corrupt checkpoint {p.name} to {aside.name}; resuming from {path.name}")
+        ckpt.load_model_state(model, model_sd, path)
+        try:
+            optimizer.load_state_dict(optim_sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise MoelabError(f"checkpoint {str(path)!r}: its optimizer state does not fit this model ({e})") from None
+        stream.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        step, tokens = int(state["step"]), int(state.get("tokens_seen", 0))
+    for name in (METRICS_FILE, EVAL_FILE):
+        truncate_after(run_dir / name, step, warn=warn)
+    return step, tokens
+
+
+class _Health:
+    """The per-step checks of moelab.train.monitor, with what they need to remember."""
+
+    def __init__(self, tcfg, vocab_size: int, model: torch.nn.Module) -> None:
+        self.tcfg, self.vocab_size, self.model = tcfg, vocab_size, model
+        self.collapse = CollapseMonitor(tcfg.collapse_window, tcfg.collapse_ratio)
+        self.warnings: list[str] = []  # every warning of this session (summary.json)
+        self.pending: list[str] = []
+        self.skipped = 0  # consecutive skipped steps
+        self.warned_uniform = False
+        self.diverged_at: int | None = None
+
+    def snapshot(self) -> dict[str, torch.Tensor] | None:
+        """The model's buffers (aux-free biases, load accumulators, schedules) before a step (skip mode)."""
+        if self.tcfg.on_nonfinite != "skip":
+            return None
+        return {k: v.detach().clone() for k, v in self.model.named_buffers()}
+
+    def nonfinite(self, step: int, loss: float, grad_norm: float, lr: float, buffers: dict | None,
+                  why: str | None) -> str | None:
+        """A step with a non-finite loss or gradient norm: the fatal message, or None when it is skipped."""
+        msg = nonfinite_message(step, loss, grad_norm, lr) + (f" [{why}]" if why else "")
+        if self.tcfg.on_nonfinite != "skip" or self.skipped >= self.tcfg.max_skipped_steps:
+            if self.skipped:
+                msg += f"; {self.skipped} consecutive steps were skipped before it (train.max_skipped_steps)"
+            self.diverged_at = step
+            return msg
+        self.skipped += 1
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+        self.pending.append(f"warning: skipped step {step} (loss={loss!r}, grad_norm={grad_norm!r}); "
+                            "its update was not applied")
+        return None
+
+    def check(self, step: int, record: dict[str, Any]) -> list[str]:
+        """This step's warnings: skipped, loss above uniform, routing collapse."""
+        warns, self.pending = self.pending, []
+        if not record.get("skipped"):
+            self.skipped = 0
+        lm = record.get("lm_loss")
+        if not self.warned_uniform and lm is not None and math.isfinite(lm) and lm > math.log(self.vocab_size) + 1:
+            self.warned_uniform = True
+            warns.append(above_uniform_message(step, lm, self.vocab_size))
+        ks = {i: getattr(getattr(layer, "cfg", None), "k", None) for i, layer in self.model.moe_layers()}
+        warns += self.collapse.update(step, [(r["layer"], r, ks.get(r["layer"])) for r in record["layers"]])
+        self.warnings += warns
+        return warns
+
+    def check_eval(self, result: dict | None, write: Callable[[str], None]) -> None:
+        if not result:
+            return
+        loss, bound = result.get("val_loss"), math.log(self.vocab_size) + 1
+        if loss is None or not math.isfinite(loss) or loss > bound:
+            msg = (f"warning: final val_loss {loss!r} (val_ppl {result.get('val_ppl')!r}) is above ln(vocab_size) + 1 "
+                   f"= {bound:.3f}: the model is worse than uniform guessing (the run diverged; lower train.lr)")
+            self.warnings.append(msg)
+            write(msg)
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -186,7 +316,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         if saved.fingerprint != tokenizer.fingerprint:
             raise MoelabError(f"the data of run_dir={str(run_dir)!r} changed (tokenizer differs); cannot resume exactly")
     tokenizer.save(run_dir / TOKENIZER_FILE)
-    (run_dir / MANIFEST_FILE).write_text(_dumps(data.manifest))
+    _write(run_dir / MANIFEST_FILE, data.manifest)
     cfg.model.vocab_size = tokenizer.vocab_size
     cfg.save(run_dir / CONFIG_FILE)
 
@@ -201,30 +331,33 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     install_aux_free_hook(optimizer, model)
     stream = TrainStream(data.tokens["train"], tokenizer, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                          domains=data.splits.domains)
+    early: list[str] = []  # messages from before the progress bar exists
+    for name, what in (data.manifest.get("non_utf8_files") or {}).items():
+        early.append(f"warning: corpus file {name!r} is not valid UTF-8 ({what})")
+    for name in ckpt.clean_stale(run_dir / CKPT_DIR):
+        early.append(f"removed the stale checkpoint folder {name} (left by an interrupted save)")
     step, tokens_seen = 0, 0
     if resume:
-        found = ckpt.list_checkpoints(run_dir / CKPT_DIR)
-        if found:
-            model_sd, optim_sd, state = ckpt.read_checkpoint(found[-1][1])
-            model.load_state_dict(model_sd)
-            optimizer.load_state_dict(optim_sd)
-            stream.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"])
-            step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        for name in (METRICS_FILE, EVAL_FILE):
-            truncate_after(run_dir / name, step)
+        step, tokens_seen = _resume(run_dir, model, optimizer, stream, early.append)
     fwd = torch.compile(model) if tcfg.compile else model
     params = model.num_parameters()
+    has_val = len(data.tokens["val"].tokens) > 0
 
     metrics, evals = JsonlLog(run_dir / METRICS_FILE), JsonlLog(run_dir / EVAL_FILE)
     last = until_step if until_step is not None else tcfg.steps
     bar = Progress(tcfg.steps, step, mode=progress, log_every=tcfg.log_every)
+    for msg in early:
+        bar.write(msg)
+    if not has_val:
+        bar.write(f"warning: the val split is empty (data.val_fraction={cfg.data.val_fraction}); no evaluation, "
+                  "summary.json will have no val_loss")
     bar.write(f"moelab: training {params['total']:,} parameters ({params['active']:,} active per token) "
               f"on {device}, steps {step}..{last} -> {run_dir}")
     stop, restore_sigint = _stop_on_sigint()
     good = {"rng": ckpt.rng_state(), "data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
     session_tokens, session_time, interrupted, last_eval = 0, 0.0, False, None
     recent: list[dict] = []
+    health = _Health(tcfg, cfg.model.vocab_size, model)
 
     def save(at: dict) -> None:
         extra = {"data": at["data"], "tokens_seen": at["tokens_seen"], "lr": lr_at(max(at["step"], 1), tcfg),
@@ -233,7 +366,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         ckpt.save_checkpoint(run_dir / CKPT_DIR, at["step"], model, optimizer, extra,
                              keep_last=tcfg.keep_last, rng=at["rng"])
 
-    def run_eval(at_step: int) -> dict:
+    def run_eval(at_step: int) -> dict | None:
+        if not has_val:
+            return None
         result = evaluate(fwd, data.tokens["val"], tokenizer, data.splits.domains, seq_len=cfg.data.seq_len,
                           batch_size=tcfg.eval_batch_size or tcfg.batch_size, max_batches=tcfg.eval_max_batches,
                           device=device, dtype=tcfg.dtype, cache_dir=cfg.data.cache_dir)
@@ -249,42 +384,50 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             lr = lr_at(step + 1, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = lm_sum = aux_sum = 0.0
-            n_tokens = 0
-            for _ in range(tcfg.grad_accum):
-                batch = stream.next_batch().to(device)
-                with autocast(device, tcfg.dtype):
-                    out = fwd(batch.input_ids_BL, labels_BL=batch.labels_BL, valid_BL=batch.valid_BL)
-                (out.loss / tcfg.grad_accum).backward()
-                loss_sum += float(out.loss.detach())
-                lm_sum += float(out.lm_loss.detach())
-                aux_sum += float(out.aux_loss)
-                n_tokens += batch.n_valid
-            grad_norm = None
-            if tcfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
-            optimizer.step()
+            buffers = health.snapshot()
+            sums, n_tokens, grad_norm, why = _forward_backward(fwd, model, stream, tcfg, device, step + 1)
+            bad = not (is_finite(sums["loss"]) and is_finite(grad_norm))
+            fatal = health.nonfinite(step + 1, sums["loss"], grad_norm, lr, buffers, why) if bad else None
+            if not bad:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += n_tokens
             dt = time.perf_counter() - t0
             session_tokens, session_time = session_tokens + n_tokens, session_time + dt
-            record = {"step": step, "loss": loss_sum / tcfg.grad_accum, "lm_loss": lm_sum / tcfg.grad_accum,
-                      "aux_loss": aux_sum / tcfg.grad_accum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": n_tokens / dt, "tokens": tokens_seen,
+            record = {"step": step, **{k: v / tcfg.grad_accum for k, v in sums.items()}, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt, "tokens": tokens_seen,
                       "layers": [{"layer": i, **jsonable(getattr(layer, "last_stats", {}) or {})}
                                  for i, layer in model.moe_layers()]}
+            if fatal:
+                metrics.write({**record, "error": fatal})
+                raise TrainingDiverged(fatal)
+            if bad:
+                record["skipped"] = True
+            warns = health.check(step, record)
+            if warns:
+                record["warnings"] = warns
+                for w in warns:
+                    bar.write(w)
             metrics.write(record)
             recent = (recent + [record])[-50:]
             good = {"rng": ckpt.rng_state(), "data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
             bar.update(step, loss=record["loss"], tok_s=record["tokens_per_s"], lr=lr)
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                last_eval = run_eval(step)
+                last_eval = run_eval(step) or last_eval
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < last:
                 save(good)
         interrupted = stop["stop"] and step < last
     except KeyboardInterrupt:
         interrupted = True
+    except TrainingDiverged as e:
+        bar.write(f"error: {e}")
+        _write(run_dir / SUMMARY_FILE, {**_summary(run_dir, cfg, good["step"], params, last_eval, recent, session_tokens,
+                                                   session_time, False, health.warnings),
+                                        "error": str(e), "diverged_at_step": health.diverged_at})
+        evals.close()
+        bar.close()
+        raise
     finally:
         restore_sigint()
         metrics.close()
@@ -294,17 +437,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         if good["step"] > 0:
             save(good)
         if step >= tcfg.steps and not interrupted:
-            last_eval = run_eval(step)
+            last_eval = run_eval(step) or last_eval
+            health.check_eval(last_eval, bar.write)
     finally:
         evals.close()
         bar.close()
-    summary = _summary(run_dir, cfg, step, params, last_eval, recent, session_tokens, session_time, interrupted)
-    (run_dir / SUMMARY_FILE).write_text(_dumps(summary))
+    summary = _summary(run_dir, cfg, step, params, last_eval, recent, session_tokens, session_time, interrupted,
+                       health.warnings)
+    _write(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
 def _summary(run_dir: Path, cfg: RunConfig, step: int, params: dict, last_eval: dict | None, recent: list[dict],
-             session_tokens: int, session_time: float, interrupted: bool) -> dict[str, Any]:
+             session_tokens: int, session_time: float, interrupted: bool,
+             warnings: list[str] | None = None) -> dict[str, Any]:
     if last_eval is None:
         done = read_jsonl(run_dir / EVAL_FILE)
         last_eval = done[-1] if done else {}
@@ -323,6 +469,7 @@ def _summary(run_dir: Path, cfg: RunConfig, step: int, params: dict, last_eval: 
         "train_time_s": session_time,
         "load_max_over_mean": mean("load_max_over_mean"), "load_cv": mean("load_cv"),
         "params_total": params["total"], "params_active": params["active"],
+        "warnings": list(warnings or []),
     }
 
 
@@ -330,3 +477,9 @@ def _dumps(obj: Any) -> str:
     import json
 
     return json.dumps(jsonable(obj), indent=2) + "\n"
+
+
+def _write(path: Path, obj: Any) -> None:
+    """A JSON file of the run directory, written atomically."""
+    atomic_write_bytes(path, _dumps(obj).encode())
+
