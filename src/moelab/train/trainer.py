@@ -156,13 +156,16 @@ def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: str = "auto", until_step: int | None = None) -> dict[str, Any]:
+          progress: str = "auto", until_step: int | None = None,
+          init_hook: Callable[[torch.nn.Module], dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (layout: docs/INTERFACES.md, "run directory"); return the summary.
 
     ``resume`` continues from the newest checkpoint (its config is ``cfg``: pass the saved one, with
     any overrides). ``overwrite`` replaces an existing run directory. ``progress``: "auto", "bar",
     "log" or "off". ``until_step`` stops early (with a checkpoint) after that step, the schedule
-    still following ``train.steps`` (for time-sliced jobs and tests).
+    still following ``train.steps`` (for time-sliced jobs and tests). ``init_hook(model)`` runs once
+    on the freshly initialised model of a run that starts at step 0 (sweeps use it for common random
+    numbers, :mod:`moelab.sweep.crn`); what it returns is logged.
     """
     run_dir = Path(run_dir)
     cfg.validate()
@@ -189,6 +192,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     model = MoETransformer(cfg.model).to(device)
     for _, layer in model.moe_layers():
         layer.aux_loss_scale = 1.0 / tcfg.grad_accum
+    init_note = init_hook(model) if init_hook is not None and not ckpt.list_checkpoints(run_dir / CKPT_DIR) else None
     optimizer = build_optimizer(model, tcfg)
     from moelab.layers.balancing import install_aux_free_hook
 
@@ -215,6 +219,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     bar = Progress(tcfg.steps, step, mode=progress, log_every=tcfg.log_every)
     bar.write(f"moelab: training {params['total']:,} parameters ({params['active']:,} active per token) "
               f"on {device}, steps {step}..{last} -> {run_dir}")
+    if init_note:
+        bar.write(f"moelab: init hook: {_dumps(init_note)}")
     stop, restore_sigint = _stop_on_sigint()
     good = {"rng": ckpt.rng_state(), "data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
     session_tokens, session_time, interrupted, last_eval = 0, 0.0, False, None
