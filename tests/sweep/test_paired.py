@@ -180,3 +180,15 @@ def test_sweep_workers_start_from_the_common_initial_weights(micro, tmp_path):
     c = plan_sweep(no_crn, tmp_path / "sw2").runs[1]
     sd_c, _, _ = ckpt.read_checkpoint(ckpt.find_checkpoint(c.run_dir / "checkpoints", None), with_optimizer=False)
     assert (sd_a["embed.weight"] - sd_c["embed.weight"]).abs().max() > 1e-3
+
+
+def test_bootstrap_se_matches_the_analytic_standard_error_of_a_mean():
+    from moelab.train.evalnoise import bootstrap_se
+
+    rng = np.random.default_rng(3)
+    per_window = rng.normal(3.0, 0.4, 400)
+    se = bootstrap_se(per_window * 10, np.full(400, 10), n_boot=4000)
+    assert se == pytest.approx(per_window.std(ddof=1) / math.sqrt(400), rel=0.08)
+    assert math.isnan(bootstrap_se([1.0], [4]))
+    # token weighting: a window with no tokens is ignored
+    assert bootstrap_se([1.0, 2.0, 99.0], [1, 1, 0]) == pytest.approx(bootstrap_se([1.0, 2.0], [1, 1]))

@@ -38,7 +38,7 @@ from moelab.sweep.stats import Comparison, Summary, compare, summarize
 METRICS = ("val_ppl", "val_loss", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
            "tokens_per_s")
 HIGHER_IS_BETTER = {"tokens_per_s"}
-RUN_FIELDS = ("val_loss", "val_ppl", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
+RUN_FIELDS = ("val_loss", "val_ppl", "val_loss_se", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
               "tokens_per_s", "params_total", "params_active")
 
 
@@ -151,6 +151,11 @@ class Leaderboard:
                  "two-sided p < 0.05. 'unpaired ±' is the Welch half-width of the same runs; 'sign-rank p' a "
                  "Wilcoxon check (cannot go below 0.0625 with 5 or fewer seeds); 'seeds to decide' assumes the "
                  "observed difference and spread are true (80% power).")
+        se = [g.stats["val_loss_se"].mean for g in self.groups if g.stats.get("val_loss_se")]
+        if se:
+            n.append(f"evaluation noise: bootstrap standard error of one run's val loss over its evaluation windows "
+                     f"{min(se):.4f}–{max(se):.4f} (the same windows for every run; paired differences cancel most "
+                     "of it).")
         if self.groups and len(self.groups[0].runs) < 2 and self.pairs:
             n.append("pairwise tests need at least 2 seeds per configuration.")
         return n
@@ -212,6 +217,7 @@ def read_run(run_dir: Path, name: str, group: str, seed: int, *, tail_steps: int
     tps = [r["tokens_per_s"] for r in metrics[min(5, len(metrics) // 2):] if r.get("tokens_per_s")]
     values = {
         "val_loss": summary.get("val_loss"), "val_ppl": summary.get("val_ppl"),
+        "val_loss_se": summary.get("val_loss_se"),
         "load_cv": _mean([x.get("load_cv") for x in layers]),
         "load_max_over_mean": _mean([x.get("load_max_over_mean") for x in layers]),
         "dropped_frac": _mean([x.get("dropped_frac") for x in layers]),

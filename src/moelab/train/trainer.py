@@ -103,14 +103,17 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
              dtype: str = "float32", cache_dir: str | None = None) -> dict[str, Any]:
     """Token-weighted validation loss and perplexity, overall and per domain.
 
-    Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}}}``;
-    ``max_batches`` caps the batches per domain.
+    Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
+    "val_loss_se", "windows"}`` (``val_loss_se``: bootstrap standard error over the evaluation windows,
+    :mod:`moelab.train.evalnoise`); ``max_batches`` caps the batches per domain.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     nll = defaultdict(float)
     count = defaultdict(int)
+    win_nll: list[float] = []
+    win_count: list[int] = []
     try:
         for batch in eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
                                   cache_dir=cache_dir):
@@ -123,6 +126,8 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
                 rows = batch.domain_B == di
                 nll[di] += float(nll_BL[rows].sum())
                 count[di] += int(batch.valid_BL[rows].sum())
+            win_nll += nll_BL.sum(1).tolist()
+            win_count += batch.valid_BL.sum(1).tolist()
     finally:
         model.train(was_training)
     per_domain = {}
@@ -132,8 +137,11 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
             per_domain[domains[di]] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
     total = sum(count.values())
     loss = sum(nll.values()) / total if total else float("nan")
+    from moelab.train.evalnoise import bootstrap_se
+
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if total else float("nan"),
-            "tokens": total, "per_domain": per_domain}
+            "tokens": total, "per_domain": per_domain, "val_loss_se": bootstrap_se(win_nll, win_count),
+            "windows": len(win_nll)}
 
 
 def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
@@ -318,6 +326,7 @@ def _summary(run_dir: Path, cfg: RunConfig, step: int, params: dict, last_eval: 
         "step": step, "steps": cfg.train.steps, "interrupted": interrupted,
         "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
         "per_domain": last_eval.get("per_domain", {}), "eval_step": last_eval.get("step"),
+        "val_loss_se": last_eval.get("val_loss_se"), "eval_windows": last_eval.get("windows"),
         "train_loss": recent[-1]["loss"] if recent else None,
         "tokens_per_s": session_tokens / session_time if session_time else None,
         "train_time_s": session_time,
