@@ -10,8 +10,12 @@ from moelab.errors import MoelabError
 
 
 def _add_report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metric", choices=["val_ppl", "val_loss"], default="val_ppl",
-                   help="quality metric of the pairwise comparisons (default: val_ppl)")
+    p.add_argument("--metric", choices=["val_ppl", "val_loss", "load_cv", "load_max_over_mean", "dropped_frac",
+                                        "experts_per_token", "tokens_per_s"], default="val_ppl",
+                   help="metric of the pairwise comparisons; a claim about balance or compute is decided on "
+                        "its own metric (default: val_ppl)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="Welch's unpaired analysis instead of per-seed paired differences (default: paired)")
     p.add_argument("--margin", type=float, default=1.0,
                    help="equivalence margin for TOST, in units of --metric (default: 1.0, i.e. 1 ppl)")
     p.add_argument("--baseline", metavar="CONFIG", help="compare every configuration with this one "
@@ -44,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="sweep progress: one updating line on a terminal, log lines otherwise (default: auto)")
     p.add_argument("--list", action="store_true", help="list the sweep presets and exit")
+    p.add_argument("--until-conclusive", action="store_true",
+                   help="after the sweep, add seeds while a pairwise comparison is inconclusive (see --max-seeds)")
+    p.add_argument("--max-seeds", type=int, default=10, help="seed budget of --until-conclusive (default: 10)")
     _add_report_args(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -120,8 +127,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_sweep(spec, out, allow_unfair=args.allow_unfair).describe())
         return 0
-    result = run_sweep(spec, out, jobs=args.jobs, allow_unfair=args.allow_unfair, progress=args.progress,
-                       fail_fast=args.fail_fast)
+    run_kwargs = dict(jobs=args.jobs, allow_unfair=args.allow_unfair, progress=args.progress, fail_fast=args.fail_fast)
+    if args.until_conclusive:
+        from moelab.sweep.adaptive import run_until_conclusive
+
+        result, _ = run_until_conclusive(spec, out, max_seeds=args.max_seeds, run_kwargs=run_kwargs,
+                                         report_kwargs=_report_kwargs(args))
+    else:
+        result = run_sweep(spec, out, **run_kwargs)
     print(f"sweep {spec.name!r}: {len(result.finished)} trained, {len(result.skipped)} already finished, "
           f"{len(result.failed)} failed{', interrupted' if result.interrupted else ''} "
           f"in {result.wall_s / 60:.1f} min -> {out}")
@@ -133,10 +146,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _report(sweep_dir: Path, out: str | None, args: argparse.Namespace) -> None:
     from moelab.sweep.leaderboard import write_leaderboard
 
-    lb, md, page = write_leaderboard(sweep_dir, out, metric=args.metric, margin=args.margin,
-                                     baseline=args.baseline, all_pairs=args.all_pairs, allow_unfair=args.allow_unfair)
+    lb, md, page = write_leaderboard(sweep_dir, out, **_report_kwargs(args))
     print(lb.to_markdown())
     print(f"\nleaderboard: {md} and {page}", file=sys.stderr)
+
+
+def _report_kwargs(args: argparse.Namespace) -> dict:
+    return dict(metric=args.metric, margin=args.margin, baseline=args.baseline, all_pairs=args.all_pairs,
+                allow_unfair=args.allow_unfair, paired=not args.unpaired)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -35,8 +35,10 @@ from moelab.sweep.fairness import FairnessReport, check_fairness
 from moelab.sweep.runner import RUNS_DIR, SWEEP_FILE, run_state
 from moelab.sweep.stats import Comparison, Summary, compare, summarize
 
-METRICS = ("val_ppl", "val_loss")
-RUN_FIELDS = ("val_loss", "val_ppl", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
+METRICS = ("val_ppl", "val_loss", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
+           "tokens_per_s")
+HIGHER_IS_BETTER = {"tokens_per_s"}
+RUN_FIELDS = ("val_loss", "val_ppl", "val_loss_se", "load_cv", "load_max_over_mean", "dropped_frac", "experts_per_token",
               "tokens_per_s", "params_total", "params_active")
 
 
@@ -69,6 +71,19 @@ class PairRow:
     b: str
     comparison: Comparison | None  # None: fewer than 2 seeds
     verdict: str
+    design: str = "unpaired"  # "paired" (per-seed differences) | "unpaired" (Welch)
+    n: int = 0  # seeds (pairs, or the smaller group)
+    unpaired: Comparison | None = None  # the Welch analysis of the same runs, for the width comparison
+    signed_rank_p: float | None = None  # paired only: Wilcoxon check
+    seeds_needed: int | None = None  # seeds after which the comparison is expected to decide
+
+    def to_dict(self) -> dict[str, Any]:
+        def c(x: Comparison | None) -> dict[str, Any] | None:
+            return None if x is None else {"diff": x.diff, "ci_low": x.ci_low, "ci_high": x.ci_high,
+                                           "p_difference": x.p_difference, "p_equivalence": x.p_equivalence}
+        return {"a": self.a, "b": self.b, "design": self.design, "n": self.n, "verdict": self.verdict,
+                "comparison": c(self.comparison), "unpaired": c(self.unpaired),
+                "signed_rank_p": self.signed_rank_p, "seeds_needed": self.seeds_needed}
 
 
 @dataclass
@@ -103,18 +118,21 @@ class Leaderboard:
 
     def pair_header(self) -> list[str]:
         unit = "ppl" if self.metric == "val_ppl" else "loss"
-        return ["A", "B", f"mean diff A-B ({unit})", "90% interval", "p (difference)",
-                f"p (TOST, ±{self.margin:g})", "verdict"]
+        return ["A", "B", "design", f"mean diff A-B ({unit})", "90% interval", "unpaired ±", "p (difference)",
+                f"p (TOST, ±{self.margin:g})", "sign-rank p", "seeds to decide", "verdict"]
 
     def pair_rows(self) -> list[list[str]]:
         out = []
         for p in self.pairs:
             c = p.comparison
             if c is None:
-                out.append([p.a, p.b, "–", "–", "–", "–", p.verdict])
-            else:
-                out.append([p.a, p.b, f"{c.diff:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
-                            _p(c.p_difference), _p(c.p_equivalence), p.verdict])
+                out.append([p.a, p.b, p.design, "–", "–", "–", "–", "–", "–", "–", p.verdict])
+                continue
+            u = p.unpaired
+            out.append([p.a, p.b, f"{p.design} (n={p.n})", f"{c.diff:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+                        "–" if u is None else f"±{(u.ci_high - u.ci_low) / 2:.3f}", _p(c.p_difference),
+                        _p(c.p_equivalence), "–" if p.signed_rank_p is None else _p(p.signed_rank_p),
+                        "–" if p.seeds_needed is None else str(p.seeds_needed), p.verdict])
         return out
 
     def notes(self) -> list[str]:
@@ -127,8 +145,19 @@ class Leaderboard:
         n.append("mean ± half-width of the 95% Student-t interval across seeds (no interval with one seed). "
                  "Balance, dropped fraction and experts/token: training batches, mean over MoE layers and the "
                  "last logged steps; tokens/s: median training throughput.")
-        n.append(f"pairs: Welch difference of {self.metric} with its 90% interval; equivalent when the interval "
-                 f"lies inside ±{self.margin:g} (TOST at α=0.05), 'better' when the two-sided Welch p < 0.05.")
+        n.append(f"pairs: 'paired' = per-seed differences of {self.metric} (the runs of a seed share data order and "
+                 "initial weights: common random numbers), paired t-interval and paired TOST; 'unpaired' = Welch. "
+                 f"90% interval; equivalent when it lies inside ±{self.margin:g} (TOST at α=0.05), 'better' when the "
+                 "two-sided p < 0.05. 'unpaired ±' is the Welch half-width of the same runs; 'sign-rank p' a "
+                 "Wilcoxon check (cannot go below 0.0625 with 5 or fewer seeds); 'seeds to decide' assumes the "
+                 "observed difference and spread are true (80% power).")
+        se = [g.stats["val_loss_se"].mean for g in self.groups if g.stats.get("val_loss_se")]
+        if se:
+            n.append(f"evaluation noise: bootstrap standard error of one run's val loss over its evaluation windows "
+                     f"{min(se):.4f}–{max(se):.4f} (the same windows for every run; paired differences cancel most "
+                     "of it).")
+        if self.groups and len(self.groups[0].runs) < 2 and self.pairs:
+            n.append("pairwise tests need at least 2 seeds per configuration.")
         return n
 
     def to_markdown(self) -> str:
@@ -188,6 +217,7 @@ def read_run(run_dir: Path, name: str, group: str, seed: int, *, tail_steps: int
     tps = [r["tokens_per_s"] for r in metrics[min(5, len(metrics) // 2):] if r.get("tokens_per_s")]
     values = {
         "val_loss": summary.get("val_loss"), "val_ppl": summary.get("val_ppl"),
+        "val_loss_se": summary.get("val_loss_se"),
         "load_cv": _mean([x.get("load_cv") for x in layers]),
         "load_max_over_mean": _mean([x.get("load_max_over_mean") for x in layers]),
         "dropped_frac": _mean([x.get("dropped_frac") for x in layers]),
@@ -225,8 +255,10 @@ def collect_results(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunResu
 
 def build_leaderboard(sweep_dir: str | Path, *, metric: str = "val_ppl", margin: float = 1.0,
                       baseline: str | None = None, all_pairs: bool = False,
-                      allow_unfair: bool | None = None) -> Leaderboard:
-    """The leaderboard of the finished runs of a sweep directory (see the module docstring)."""
+                      allow_unfair: bool | None = None, paired: bool = True) -> Leaderboard:
+    """The leaderboard of the finished runs of a sweep directory (see the module docstring).
+    ``paired``: compare configurations by per-seed differences over their common seeds (the default;
+    sweeps use common random numbers); False: Welch's unpaired analysis."""
     check_choice("metric", metric, METRICS)
     if not (isinstance(margin, (int, float)) and margin > 0):
         raise MoelabError(f"margin={margin!r} is not valid; expected a number > 0 (in units of {metric})")
@@ -242,44 +274,67 @@ def build_leaderboard(sweep_dir: str | Path, *, metric: str = "val_ppl", margin:
     if not report.fair and not allow_unfair:
         raise MoelabError(report.refusal())
 
-    by_group: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_group.setdefault(r.group, []).append(r)
     domains = sorted({d for r in results for d in r.per_domain})
-    groups = []
-    for g, runs in by_group.items():
-        stats: dict[str, Summary | None] = {}
-        for key in RUN_FIELDS:
-            vals = [r.values[key] for r in runs if r.values[key] is not None]
-            stats[key] = summarize(vals) if vals else None
-        for d in domains:
-            for k in ("loss", "ppl"):
-                vals = [r.per_domain[d][k] for r in runs if d in r.per_domain and r.per_domain[d].get(k) is not None]
-                stats[f"{d} {k}"] = summarize(vals) if vals else None
-        groups.append(GroupRow(g, sorted(runs, key=lambda r: r.seed), stats))
-    groups.sort(key=lambda g: (g.stats[metric].mean if g.stats[metric] else math.inf))
-
+    groups = _group_rows(results, domains, metric)
     names = [g.group for g in groups]
     if baseline is not None:
         check_choice("baseline", baseline, names)
-    pairs: list[tuple[str, str]] = []
-    if len(groups) > 1:
-        if all_pairs:
-            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-        else:
-            ref = baseline or names[0]
-            pairs = [(n, ref) for n in names if n != ref]
-    vals_of = {g.group: [r.values[metric] for r in g.runs if r.values[metric] is not None] for g in groups}
-    pair_rows = []
-    for a, b in pairs:
-        va, vb = vals_of[a], vals_of[b]
-        if len(va) < 2 or len(vb) < 2:
-            pair_rows.append(PairRow(a, b, None, "needs >= 2 seeds per configuration"))
-            continue
-        c = compare(va, vb, margin=margin)
-        pair_rows.append(PairRow(a, b, c, c.verdict(lower_is_better=True, names=(a, b))))
+    pairs = _pairs(names, baseline, all_pairs)
+    by_name = {g.group: g for g in groups}
+    pair_rows = [_pair_row(by_name[a], by_name[b], metric, margin, paired) for a, b in pairs]
     return Leaderboard(doc.get("spec", {}).get("name", Path(sweep_dir).name), metric, float(margin), groups,
                        pair_rows, report, missing, domains)
+
+
+def _group_rows(results: list[RunResult], domains: list[str], metric: str) -> list[GroupRow]:
+    """One row per configuration (summaries over its seeds), best ``metric`` first."""
+    by_group: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_group.setdefault(r.group, []).append(r)
+    groups = []
+    for g, runs in by_group.items():
+        stats: dict[str, Summary | None] = {key: _summary([r.values[key] for r in runs]) for key in RUN_FIELDS}
+        for d in domains:
+            for k in ("loss", "ppl"):
+                stats[f"{d} {k}"] = _summary([r.per_domain.get(d, {}).get(k) for r in runs])
+        groups.append(GroupRow(g, sorted(runs, key=lambda r: r.seed), stats))
+    sign = -1 if metric in HIGHER_IS_BETTER else 1
+    return sorted(groups, key=lambda g: (sign * g.stats[metric].mean if g.stats[metric] else math.inf))
+
+
+def _summary(values: list[float | None]) -> Summary | None:
+    vals = [v for v in values if v is not None]
+    return summarize(vals) if vals else None
+
+
+def _pairs(names: list[str], baseline: str | None, all_pairs: bool) -> list[tuple[str, str]]:
+    if len(names) < 2:
+        return []
+    if all_pairs:
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    ref = baseline or names[0]
+    return [(n, ref) for n in names if n != ref]
+
+
+def _pair_row(ga: GroupRow, gb: GroupRow, metric: str, margin: float, paired: bool) -> PairRow:
+    from moelab.sweep.stats import paired_compare, seeds_needed, signed_rank_p
+
+    va = {r.seed: r.values[metric] for r in ga.runs if r.values[metric] is not None}
+    vb = {r.seed: r.values[metric] for r in gb.runs if r.values[metric] is not None}
+    common = sorted(set(va) & set(vb))
+    unpaired = compare(list(va.values()), list(vb.values()), margin=margin) if min(len(va), len(vb)) >= 2 else None
+    if paired and len(common) >= 2:
+        a, b = [va[s] for s in common], [vb[s] for s in common]
+        c = paired_compare(a, b, margin=margin)
+        sd = statistics.stdev([x - y for x, y in zip(a, b)])
+        need = seeds_needed(c.diff, sd, margin=margin)
+        return PairRow(ga.group, gb.group, c, c.verdict(metric not in HIGHER_IS_BETTER, (ga.group, gb.group)), "paired", len(common),
+                       unpaired, signed_rank_p(a, b), need)
+    if unpaired is None:
+        return PairRow(ga.group, gb.group, None, "needs >= 2 seeds per configuration", "paired" if paired else "unpaired")
+    sd = math.sqrt(statistics.variance(va.values()) + statistics.variance(vb.values()))
+    return PairRow(ga.group, gb.group, unpaired, unpaired.verdict(metric not in HIGHER_IS_BETTER, (ga.group, gb.group)), "unpaired",
+                   min(len(va), len(vb)), unpaired, None, seeds_needed(unpaired.diff, sd, margin=margin))
 
 
 def write_leaderboard(sweep_dir: str | Path, out_dir: str | Path | None = None, **kwargs: Any) -> tuple[Leaderboard, Path, Path]:

@@ -347,7 +347,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, jobs: int = 1, allow_un
         while pending or active:
             while pending and len(active) < jobs and not (fail_fast and result.failed):
                 r = pending.pop(0)
-                active.append(_launch(r, plan.sweep_dir, python or sys.executable, worker_env))
+                active.append(_launch(r, plan.sweep_dir, python or sys.executable, worker_env,
+                                      reference=_crn_reference(spec, plan, r)))
                 bar.started(r)
             for a in list(active):
                 rc = a.proc.poll()
@@ -417,13 +418,21 @@ def _warm_data_cache(cfg, bar) -> None:
     prepare_data(cfg.data)
 
 
-def _launch(r: PlannedRun, sweep_dir: Path, python: str, env: dict[str, str]) -> _Active:
+def _crn_reference(spec: SweepSpec, plan: SweepPlan, r: PlannedRun) -> Path | None:
+    """The config file of the first configuration's run with ``r``'s seed (common random numbers)."""
+    if not spec.common_init:
+        return None
+    first = plan.runs[0].group
+    return plan.sweep_dir / CONFIGS_DIR / f"{first}__seed{r.spec.seed}.json"
+
+
+def _launch(r: PlannedRun, sweep_dir: Path, python: str, env: dict[str, str], reference: Path | None = None) -> _Active:
     r.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(r.log_path, "a", encoding="utf-8")
     log.write(f"--- sweep worker started {time.strftime('%Y-%m-%d %H:%M:%S')} (state {r.state}, step {r.step})\n")
     log.flush()
     cmd = [python, "-m", "moelab.sweep.worker", str(sweep_dir / CONFIGS_DIR / f"{r.name}.json"), str(r.run_dir),
-           str(r.lock_path)]
+           str(r.lock_path)] + (["--crn-reference", str(reference)] if reference is not None else [])
     # own session: a Ctrl-C on the terminal reaches only the sweep, which forwards one SIGTERM
     # (= one graceful stop) to each worker
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

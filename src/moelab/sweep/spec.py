@@ -29,7 +29,8 @@ from typing import Any
 
 from moelab.errors import MoelabError
 
-SPEC_KEYS = {"name", "preset", "seeds", "base", "axes", "variants", "exclude", "fairness", "description"}
+SPEC_KEYS = {"name", "preset", "seeds", "base", "axes", "variants", "exclude", "fairness", "description",
+             "common_init"}
 # [fairness] table: relative tolerance on active parameters per token (max/min - 1) and an
 # explicit opt-out of every fairness check (``--allow-unfair`` on the command line).
 FAIRNESS_KEYS = {"active_param_tolerance": 0.05, "allow_unfair": False}
@@ -57,6 +58,9 @@ class SweepSpec:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     fairness: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # common random numbers: runs of a seed share the first configuration's initial weights wherever
+    # parameters match (moelab.sweep.crn); the data order is common anyway (data.seed is not varied)
+    common_init: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
@@ -132,7 +136,7 @@ class SweepSpec:
         return {"name": self.name, "preset": self.preset, "seeds": list(self.seeds), "base": dict(self.base),
                 "axes": {k: list(v) for k, v in self.axes.items()}, "variants": [dict(v) for v in self.variants],
                 "exclude": [dict(e) for e in self.exclude], "fairness": dict(self.fairness),
-                "description": self.description}
+                "description": self.description, "common_init": self.common_init}
 
     def expand(self) -> list[RunSpec]:
         grid_keys = list(self.axes)

@@ -1,4 +1,8 @@
-"""One run of a sweep in its own process: ``python -m moelab.sweep.worker CONFIG.json RUN_DIR [PID_FILE]``.
+"""One run of a sweep in its own process:
+``python -m moelab.sweep.worker CONFIG.json RUN_DIR [PID_FILE] [--crn-reference REF_CONFIG.json]``.
+
+With ``--crn-reference`` a run that starts at step 0 first copies the shared weights of the
+reference configuration (common random numbers, :mod:`moelab.sweep.crn`).
 
 Starts the run, or resumes it from its newest checkpoint when ``RUN_DIR/config.json`` exists (the
 trainer's exact resume; a run killed before its first checkpoint restarts from step 0; a directory
@@ -22,9 +26,15 @@ EXIT_INTERRUPTED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (2, 3):
-        print("usage: python -m moelab.sweep.worker CONFIG.json RUN_DIR [PID_FILE]", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reference = None
+    if "--crn-reference" in argv:
+        i = argv.index("--crn-reference")
+        reference = argv[i + 1] if i + 1 < len(argv) else None
+        del argv[i:i + 2]
+    if len(argv) not in (2, 3) or ("--crn-reference" in sys.argv[1:] and reference is None):
+        print("usage: python -m moelab.sweep.worker CONFIG.json RUN_DIR [PID_FILE] [--crn-reference REF.json]",
+              file=sys.stderr)
         return 2
     config_path, run_dir = Path(argv[0]), Path(argv[1])
     lock = Path(argv[2]) if len(argv) == 3 else None
@@ -42,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = RunConfig.from_dict(json.loads(config_path.read_text()))
         resume = (run_dir / CONFIG_FILE).is_file()
-        summary = train(cfg, run_dir, resume=resume, overwrite=not resume, progress="log")
+        hook = None
+        if reference is not None:
+            from moelab.sweep.crn import make_init_hook
+
+            hook = make_init_hook(reference)
+        summary = train(cfg, run_dir, resume=resume, overwrite=not resume, progress="log", init_hook=hook)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 -- the parent reports the failure; the traceback goes to the log

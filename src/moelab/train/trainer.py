@@ -117,11 +117,12 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     """Token-weighted validation loss and perplexity, overall and per domain.
 
     Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
-    "causal", "non_causal_layers"}``; ``max_batches`` caps the batches per domain. Routers run in
-    eval mode, i.e. in their causal inference mode where they have one (expert-choice:
-    token-choice); ``causal`` is False (and ``non_causal_layers`` names them) when some router has
-    none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``): that number
-    then uses later tokens and is not a language-model perplexity.
+    "causal", "non_causal_layers", "val_loss_se", "windows"}``; ``max_batches`` caps the batches per
+    domain. Routers run in eval mode, i.e. in their causal inference mode where they have one
+    (expert-choice: token-choice); ``causal`` is False (and ``non_causal_layers`` names them) when
+    some router has none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``):
+    that number then uses later tokens and is not a language-model perplexity. ``val_loss_se``:
+    bootstrap standard error over the evaluation windows (:mod:`moelab.train.evalnoise`).
     """
     device = torch.device(device)
     was_training = model.training
@@ -129,6 +130,8 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     non_causal = non_causal_layers(model)  # routers without a causal eval mode: the number leaks the future
     nll = defaultdict(float)
     count = defaultdict(int)
+    win_nll: list[float] = []
+    win_count: list[int] = []
     try:
         for batch in eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
                                   cache_dir=cache_dir):
@@ -141,6 +144,8 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
                 rows = batch.domain_B == di
                 nll[di] += float(nll_BL[rows].sum())
                 count[di] += int(batch.valid_BL[rows].sum())
+            win_nll += nll_BL.sum(1).tolist()
+            win_count += batch.valid_BL.sum(1).tolist()
     finally:
         model.train(was_training)
     per_domain = {}
@@ -150,8 +155,11 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
             per_domain[domains[di]] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
     total = sum(count.values())
     loss = sum(nll.values()) / total if total else float("nan")
+    from moelab.train.evalnoise import bootstrap_se
+
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if total else float("nan"),
-            "tokens": total, "per_domain": per_domain, "causal": not non_causal, "non_causal_layers": non_causal}
+            "tokens": total, "per_domain": per_domain, "causal": not non_causal, "non_causal_layers": non_causal,
+            "val_loss_se": bootstrap_se(win_nll, win_count), "windows": len(win_nll)}
 
 
 def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
@@ -292,13 +300,16 @@ class _Health:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: str = "auto", until_step: int | None = None) -> dict[str, Any]:
+          progress: str = "auto", until_step: int | None = None,
+          init_hook: Callable[[torch.nn.Module], dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (layout: docs/INTERFACES.md, "run directory"); return the summary.
 
     ``resume`` continues from the newest checkpoint (its config is ``cfg``: pass the saved one, with
     any overrides). ``overwrite`` replaces an existing run directory. ``progress``: "auto", "bar",
     "log" or "off". ``until_step`` stops early (with a checkpoint) after that step, the schedule
-    still following ``train.steps`` (for time-sliced jobs and tests).
+    still following ``train.steps`` (for time-sliced jobs and tests). ``init_hook(model)`` runs once
+    on the freshly initialised model of a run that starts at step 0 (sweeps use it for common random
+    numbers, :mod:`moelab.sweep.crn`); what it returns is logged.
     """
     run_dir = Path(run_dir)
     cfg.validate()
@@ -325,6 +336,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     model = MoETransformer(cfg.model).to(device)
     for _, layer in model.moe_layers():
         layer.aux_loss_scale = 1.0 / tcfg.grad_accum
+    init_note = init_hook(model) if init_hook is not None and not ckpt.list_checkpoints(run_dir / CKPT_DIR) else None
     optimizer = build_optimizer(model, tcfg)
     from moelab.layers.balancing import install_aux_free_hook
 
@@ -353,6 +365,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                   "summary.json will have no val_loss")
     bar.write(f"moelab: training {params['total']:,} parameters ({params['active']:,} active per token) "
               f"on {device}, steps {step}..{last} -> {run_dir}")
+    if init_note:
+        bar.write(f"moelab: init hook: {_dumps(init_note)}")
     stop, restore_sigint = _stop_on_sigint()
     good = {"rng": ckpt.rng_state(), "data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
     session_tokens, session_time, interrupted, last_eval = 0, 0.0, False, None
@@ -464,6 +478,7 @@ def _summary(run_dir: Path, cfg: RunConfig, step: int, params: dict, last_eval: 
         "step": step, "steps": cfg.train.steps, "interrupted": interrupted,
         "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
         "per_domain": last_eval.get("per_domain", {}), "eval_step": last_eval.get("step"),
+        "val_loss_se": last_eval.get("val_loss_se"), "eval_windows": last_eval.get("windows"),
         "train_loss": recent[-1]["loss"] if recent else None,
         "tokens_per_s": session_tokens / session_time if session_time else None,
         "train_time_s": session_time,
