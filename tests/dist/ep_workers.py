@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from moelab.dist.balance import install_dp_balance
-from moelab.dist.ep import install_ep
+from moelab.dist.comm_model import slot_bytes
+from moelab.dist.ep import COMM, install_ep
 from moelab.dist.groups import init_parallel
 from moelab.layers.config import MoEConfig
 from moelab.layers.moe import MoELayer
@@ -61,7 +62,11 @@ def layer_equivalence(rank: int, world: int, cases: list[dict]) -> None:
         layer.aux_loss_scale = 1.0 / world  # DDP would average; here we sum the ranks' gradients
         sl = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
         x = x_full[sl].clone().requires_grad_(True)
+        COMM.reset()
         y = layer(x)
+        owner_E = torch.arange(cfg.num_experts) // (cfg.num_experts // world)
+        kept = layer.last_routing.kept()
+        assert COMM.token_bytes == slot_bytes(kept.expert_S, owner_E, rank, D, 4) > 0  # the bytes model
         (y * g_full[sl]).sum().backward()
         torch.testing.assert_close(y.detach(), y_ref[sl], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, xr.grad[sl], rtol=1e-5, atol=1e-6)

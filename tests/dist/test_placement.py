@@ -41,3 +41,28 @@ def test_packing_and_replication_oracles():
 def test_eplb_bad_sizes():
     with pytest.raises(MoelabError, match="num_replicas=15 must be a multiple of num_gpus=8"):
         rebalance_experts(README_WEIGHT, 15, 4, 2, 8)
+
+
+def test_llep_balances_an_imbalanced_layer_and_keeps_every_token():
+    from moelab.dist.placement.llep import llep_plan, native_loads
+
+    counts = [400, 10, 10, 10, 30, 30, 20, 10]  # expert 0 is hot: rank 0 carries 420 of 520 tokens
+    plain = native_loads(counts, 4)
+    assert plain == [410, 20, 60, 30]
+    plan = llep_plan(counts, 4, alpha=1.0)
+    assert sum(plan.loads) == sum(counts)
+    for e, c in enumerate(counts):
+        assert sum(n for _, n in plan.chunks[e]) == c
+    assert max(plan.loads) == 130 and plan.max_over_mean() == pytest.approx(1.0)  # 520/4 = 130 each
+    assert {t[0] for t in plan.transfers} == {0} and all(t[1] == 0 for t in plan.transfers)
+    # below the threshold, plain EP is kept
+    assert llep_plan(counts, 4, threshold=5.0).loads == plain
+
+
+def test_bytes_per_token_model():
+    from moelab.dist.comm_model import bytes_per_token
+
+    # plain EP, k=2, D=1024, bf16, 8 ranks: 2 * 2 * 1024 * 2 * 7/8
+    assert bytes_per_token(2, 1024, "bfloat16", 8) == 2 * 2 * 1024 * 2 * 7 / 8
+    # an expert on every rank is always local
+    assert bytes_per_token(2, 1024, "bfloat16", 8, copies_E=[8, 8], load_E=[1, 1]) == 0.0

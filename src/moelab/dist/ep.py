@@ -68,8 +68,9 @@ class CommStats:
         self.reset()
 
     def reset(self) -> None:
-        self.bytes_sent = 0  # rows this rank sent to *other* ranks, times row bytes
-        self.bytes_local = 0  # rows that stayed on this rank
+        self.bytes_sent = 0  # bytes this rank put on the wire (its dispatch rows + the combine rows it returns)
+        self.token_bytes = 0  # bytes its own tokens moved: dispatch out + combine back (comm_model.slot_bytes)
+        self.bytes_local = 0  # rows that stayed on this rank, times row bytes
         self.rows_dispatched = 0  # routed (kept) slots of this rank's tokens
         self.seconds = 0.0
         self.calls = 0
@@ -110,6 +111,7 @@ class EPDispatcher:
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         _count_bytes(send_splits, self.me, row_bytes)
         _count_bytes(recv_splits, self.me, row_bytes)  # the outputs travel back
+        COMM.token_bytes += 2 * (sum(send_splits) - send_splits[self.me]) * row_bytes
         COMM.rows_dispatched += int(token_S.numel())
         COMM.calls += 1
         COMM.seconds += time.perf_counter() - t0
