@@ -92,3 +92,23 @@ def _check_param_grads(layer: MoELayer, ref_grads: dict, state, cfg: MoEConfig) 
             dist.all_reduce(g)  # replicated parameters: the ranks' contributions add up
             want = ref_grads[name]
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def dying_peer(rank: int, world: int, out: str) -> None:
+    """Rank 1 dies before the collective; rank 0 must fail with PeerFailure, not hang."""
+    import os
+    import time
+
+    from moelab.dist.groups import PeerFailure, all_reduce_sum
+
+    if rank == 1:
+        os._exit(0)  # no clean shutdown: the process just disappears
+    t0 = time.perf_counter()
+    try:
+        all_reduce_sum(torch.ones(3), dist.group.WORLD, "test all-reduce")
+        msg = "no error"
+    except PeerFailure as e:
+        msg = f"PeerFailure: {e}"
+    with open(out, "w") as f:
+        f.write(f"{time.perf_counter() - t0:.2f}\n{msg}\n")
+    os._exit(0)

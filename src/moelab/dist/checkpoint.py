@@ -97,17 +97,23 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: ParallelState) -> dict[str, Any]:
     """Load a DCP checkpoint into ``model``/``optimizer`` (resharding as needed); return ``dist.json``."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     meta = json.loads((Path(path) / META).read_text())
     sd = build_state(model, optimizer, state)
     try:
         with guarded("distributed checkpoint load"):
             dcp.load(sd, checkpoint_id=str(path))
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (CheckpointException, ValueError, KeyError) as e:
         raise MoelabError(f"checkpoint {str(path)!r} (saved with world={meta.get('world')}, ep={meta.get('ep')}) "
-                          f"does not fit this model/layout: {str(e).splitlines()[0][:300]}") from e
+                          f"does not fit this model/layout: {_reason(e)}") from e
     _copy_back(model, optimizer, sd)
     return meta
+
+
+def _reason(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if "Error" in ln or "mismatch" in ln]
+    return (lines[-1] if lines else str(e).splitlines()[0])[:300]
 
 
 def _local(t: Any) -> torch.Tensor:
