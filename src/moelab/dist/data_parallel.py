@@ -34,7 +34,10 @@ def wrap_data_parallel(model: nn.Module, state: ParallelState) -> nn.Module:
     ignore = sorted(expert_param_names(model))
     if ignore:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    with guarded("DDP initial broadcast"):
+    import warnings
+
+    with guarded("DDP initial broadcast"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers=False is what we mean (see above)
         return DDP(model, process_group=state.dp_group, broadcast_buffers=False, find_unused_parameters=True)
 
 

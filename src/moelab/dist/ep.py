@@ -72,7 +72,8 @@ class CommStats:
         self.token_bytes = 0  # bytes its own tokens moved: dispatch out + combine back (comm_model.slot_bytes)
         self.bytes_local = 0  # rows that stayed on this rank, times row bytes
         self.rows_dispatched = 0  # routed (kept) slots of this rank's tokens
-        self.seconds = 0.0
+        self.seconds = 0.0  # whole EP dispatch (collectives + local experts), forward
+        self.comm_seconds = 0.0  # the collectives alone (counts + both token all-to-alls), forward
         self.calls = 0
 
 
@@ -120,15 +121,20 @@ class EPDispatcher:
 
     def _exchange_counts(self, send_counts_E: Tensor) -> Tensor:
         recv = torch.empty_like(send_counts_E)
+        t0 = time.perf_counter()
         with guarded("ep token counts all_to_all"):
             dist.all_to_all_single(recv, send_counts_E, group=self.group)
+        COMM.comm_seconds += time.perf_counter() - t0
         return recv.view(self.ep, self.num_local)  # [source rank, local expert]
 
     def _all_to_all(self, x_ND: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
         out = x_ND.new_empty(sum(out_splits), x_ND.shape[1])
+        t0 = time.perf_counter()
         with guarded("ep token all_to_all"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the autograd a2a the issue asks for
-            return dist_fn.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=self.group)
+            y = dist_fn.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=self.group)
+        COMM.comm_seconds += time.perf_counter() - t0
+        return y
 
     def _local_experts(self, x_RD: Tensor, recv_counts_PL: Tensor) -> Tensor:
         R = x_RD.shape[0]
