@@ -62,3 +62,16 @@ def test_save_on_two_resume_on_one(runs, tmp_path):
     resumed = read_losses(run)
     assert [r["step"] for r in resumed] == list(range(1, 11))
     _close(resumed[5:], read_losses(runs / "dp2ep2")[5:], list(range(6, 11)))
+
+
+@pytest.mark.slow
+def test_dp2_unipool_shared_pool_equals_one_process(tmp_path):
+    """UniPool's pool-level counts are summed over the ranks (the lagged pool loss of the next step)."""
+    cfg = dist_config(tmp_path, 1, steps=6)
+    cfg.model.layout.kind, cfg.model.layout.pool_fraction = "shared_pool", 1.0
+    cfg.model.moe.aux_free_bias = False
+    train(cfg, tmp_path / "ref", progress="off")
+    spawn(WORKERS, "train_runs", 2, (str(tmp_path), [{"name": "dp2", "config": cfg.to_dict()}]), timeout_s=120)
+    ref = read_losses(tmp_path / "ref")
+    assert any(layer.get("pool_counts") for layer in ref[-1]["layers"])
+    _close(read_losses(tmp_path / "dp2"), ref, list(range(1, 7)))

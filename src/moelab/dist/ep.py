@@ -209,11 +209,6 @@ def install_ep(model: nn.Module, state: ParallelState) -> nn.Module:
     return model
 
 
-def is_expert_param(name: str, model: nn.Module) -> bool:
-    """True for parameters of an EP-sharded bank (names ``...experts.w_*``)."""
-    return name in expert_param_names(model)
-
-
 def expert_param_names(model: nn.Module) -> set[str]:
     out = set()
     for mod_name, mod in model.named_modules():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -65,6 +64,3 @@ def spawn(path: str, name: str, world: int = 2, args: tuple = (), *, timeout_s: 
 
     mp.spawn(_entry, args=(world, free_port(), str(path), name, args, timeout_s, threads), nprocs=world, join=True)
 
-
-def have_torchrun() -> bool:
-    return shutil.which(sys.executable) is not None
