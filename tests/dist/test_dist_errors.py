@@ -85,3 +85,27 @@ def test_dying_rank_makes_the_other_fail_fast(tmp_path):
     assert msg.startswith("PeerFailure: rank 0: collective 'test all-reduce' failed")
     assert "another rank probably died" in msg
     assert float(elapsed) < 15.0
+
+
+def test_nproc_shorthand_builds_the_torchrun_command():
+    from moelab.cli.dist import strip_nproc
+    from moelab.dist.launch import torchrun_command
+
+    argv = strip_nproc(["train", "--nproc", "2", "--parallel.ep", "2", "--nproc=3", "--run-dir", "r"])
+    assert argv == ["train", "--parallel.ep", "2", "--run-dir", "r"]
+    cmd = torchrun_command(2, argv)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert cmd[6:] == ["moelab", *argv]
+    with pytest.raises(MoelabError, match="--nproc=0 is out of range"):
+        torchrun_command(0, argv)
+
+
+def test_parallel_config_keys_and_validation():
+    from moelab.train.config import RunConfig, apply_overrides
+
+    cfg = apply_overrides(RunConfig(), ["--parallel.ep", "2", "parallel.timeout_s=30"])
+    assert cfg.parallel.ep == 2 and cfg.parallel.timeout_s == 30.0 and cfg.parallel.active()
+    assert RunConfig.from_dict(cfg.to_dict()).parallel.ep == 2
+    cfg.parallel.backend = "mpi"
+    with pytest.raises(MoelabError, match="parallel.backend"):
+        cfg.parallel.validate()

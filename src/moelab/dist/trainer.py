@@ -49,10 +49,21 @@ def local_rows(batch: Batch, state: ParallelState) -> Batch:
     return Batch(batch.input_ids_BL[sl], batch.labels_BL[sl], batch.valid_BL[sl], batch.domain_B[sl])
 
 
+def rank_device(state: ParallelState) -> torch.device:
+    """``cuda:LOCAL_RANK`` with NCCL, else the CPU."""
+    import os
+
+    if state.backend != "nccl":
+        return torch.device("cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def build_parallel_model(cfg: RunConfig, state: ParallelState) -> torch.nn.Module:
     """The single-process model (same seed), then EP-sharded and with DP balancing."""
     torch.manual_seed(cfg.train.seed)
-    model = MoETransformer(cfg.model)
+    model = MoETransformer(cfg.model).to(rank_device(state))
     install_ep(model, state)
     install_dp_balance(model, state)
     for _, layer in model.moe_layers():
@@ -132,7 +143,7 @@ def _train_step(cfg: RunConfig, state: ParallelState, model, ddp, optimizer, str
     for _ in range(tcfg.grad_accum):
         batch = stream.next_batch()
         n_tokens += batch.n_valid
-        local = local_rows(batch, state)
+        local = local_rows(batch, state).to(next(model.parameters()).device)
         out = ddp(local.input_ids_BL, labels_BL=local.labels_BL, valid_BL=local.valid_BL)
         with guarded("backward (DDP gradient all-reduce / EP all-to-all)"):
             (out.loss / tcfg.grad_accum).backward()
@@ -167,7 +178,7 @@ def _loop(cfg, run_dir, state, model, ddp, optimizer, stream, data, step, tokens
     def run_eval() -> dict:
         res = evaluate(model, data.tokens["val"], data.tokenizer, data.splits.domains, seq_len=cfg.data.seq_len,
                        batch_size=tcfg.eval_batch_size or tcfg.batch_size, max_batches=tcfg.eval_max_batches,
-                       cache_dir=cfg.data.cache_dir)
+                       device=next(model.parameters()).device, cache_dir=cfg.data.cache_dir)
         res = {"step": step, **res}
         if rank0:
             evals.write(res)
