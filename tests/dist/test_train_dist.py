@@ -53,6 +53,14 @@ def test_ep2_equals_one_process(runs):
     assert got[-1]["a2a_bytes_sent"] > 0
 
 
+def test_distributed_run_exports_a_single_process_checkpoint(runs):
+    from moelab.train.run import load_run
+
+    run = load_run(runs / "dp2ep2")  # unsharded from the EP=2 DCP checkpoint
+    assert run.step == 10
+    assert run.model.blocks[0].ffn.experts.w_up_EFD.shape[0] == 4  # all experts again
+
+
 def test_save_on_two_resume_on_one(runs, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(runs / "dp2ep2", run)

@@ -10,6 +10,9 @@ their global shape ``[E, ...]`` is in the metadata; everything else is a replica
 (DCP writes it once). Loading reads whatever slice the loading rank owns, whatever the saving world
 size was: DCP reshards. A single process loads into full plain tensors without a process group.
 
+At the end of a distributed run rank 0 also writes the final step unsharded as a single-process
+checkpoint (:func:`export_single_process`), for ``load_run`` and the analysis tools.
+
 Not reshardable (refused with :class:`MoelabError`): resuming a single-process checkpoint
 (``RUN/checkpoints``, safetensors) on several ranks, and a DCP checkpoint whose expert count differs.
 """
@@ -103,7 +106,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: 
     sd = build_state(model, optimizer, state)
     try:
         with guarded("distributed checkpoint load"):
-            dcp.load(sd, checkpoint_id=str(path))
+            dcp.load(sd, checkpoint_id=str(path), no_dist=state.world == 1)
     except (CheckpointException, ValueError, KeyError) as e:
         raise MoelabError(f"checkpoint {str(path)!r} (saved with world={meta.get('world')}, ep={meta.get('ep')}) "
                           f"does not fit this model/layout: {_reason(e)}") from e
@@ -132,6 +135,21 @@ def _copy_back(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str,
                 st[k] = v.clone()
             else:
                 st[k].copy_(_local(v))
+
+
+def export_single_process(run_dir: Path, step: int, model_full: nn.Module, optimizer: torch.optim.Optimizer,
+                          extra: dict[str, Any], keep_last: int = 2) -> Path:
+    """Rank 0 only: read DCP checkpoint ``step`` into an unsharded model (``no_dist``) and write it as a
+    single-process checkpoint (``RUN/checkpoints``), so ``load_run``, ``moelab analyze/eval/generate``
+    and the single-process trainer can use a distributed run."""
+    from moelab.dist.groups import ParallelState
+    from moelab.train import checkpoint as ckpt
+
+    one = ParallelState(0, 1, 1, None, 60.0, "gloo")
+    meta = load(step_dir(run_dir, step), model_full, optimizer, one)
+    extra = {**extra, "data": meta["data"], "tokens_seen": meta.get("tokens_seen", 0)}
+    return ckpt.save_checkpoint(Path(run_dir) / "checkpoints", step, model_full, optimizer, extra,
+                                keep_last=keep_last, rng=meta["rng"])
 
 
 def check_resumable(run_dir: Path, state: ParallelState) -> None:

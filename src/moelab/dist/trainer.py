@@ -158,6 +158,16 @@ def _train_step(cfg: RunConfig, state: ParallelState, model, ddp, optimizer, str
             "a2a_bytes": COMM.bytes_sent, "a2a_s": COMM.seconds}
 
 
+def _export(cfg: RunConfig, run_dir: Path, step: int) -> None:
+    """The final DCP checkpoint, unsharded, as a single-process checkpoint (rank 0; RNG preserved)."""
+    rng = ckpt.rng_state()
+    full = build_parallel_model(cfg, ParallelState(0, 1, 1, None, 60.0, "gloo"))
+    opt = build_optimizer(full, cfg.train)
+    extra = {"lr": lr_at(max(step, 1), cfg.train), "exported_from": "dist_checkpoints"}
+    dckpt.export_single_process(run_dir, step, full, opt, extra, keep_last=cfg.train.keep_last)
+    ckpt.set_rng_state(rng)
+
+
 def _loop(cfg, run_dir, state, model, ddp, optimizer, stream, data, step, tokens_seen, until_step, progress):
     tcfg = cfg.train
     rank0 = state.rank == 0
@@ -210,6 +220,9 @@ def _loop(cfg, run_dir, state, model, ddp, optimizer, stream, data, step, tokens
                 save()
         if step > 0:
             save()
+            if rank0:
+                _export(cfg, run_dir, step)
+            _barrier(state, "single-process export")
         if step >= tcfg.steps:
             last_eval = run_eval()
     finally:
