@@ -37,10 +37,11 @@ def cmd_offload_sim(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(f"cache {args.cache_experts} experts, predict={args.predict}, {out[args.policy[0]]['tokens']} tokens replayed")
+    unit = "experts moved/token" if args.expert_bytes == 1 else "bytes moved/token"
     for policy in args.policy:
         r = out[policy]
         pp = "" if r["prefetch_precision"] is None else f"  prefetch precision {r['prefetch_precision']:.3f}"
-        print(f"{policy:>4}: hit rate {r['hit_rate']:.3f}  bytes/token {r['bytes_per_token']:.1f}{pp}")
+        print(f"{policy:>4}: hit rate {r['hit_rate']:.3f}  {unit} {r['bytes_per_token']:.2f}{pp}")
     s = out["segment"]
     print(f"trace: consecutive-token overlap {s['consecutive_overlap']:.3f}, SCH (Belady bound) {s['sch']:.3f}")
     return 0

@@ -21,7 +21,13 @@ and Megatron-LM (``MoEAlltoAllTokenDispatcher``), written from their description
 The router, shared experts, balancing and statistics run locally on each rank's tokens, unchanged:
 the wrapper replaces only ``layer.dispatch`` (and ``layer.experts`` by the local shard). Routers
 that need whole sequences or cross-layer state work as they are, because every rank holds whole
-sequences (the batch is split by rows) and ``ctx.state`` is the rank's own forward pass.
+sequences (the batch is split by rows) and ``ctx.state`` is the rank's own forward pass:
+``expert_choice`` (per sequence by default; with ``per_sequence=False`` it chooses over the rank's
+local batch), ``aux_loss="sequence"``, ``recurrent`` (RMoE's GRU state in ``ctx.state``),
+Omni-Router shared routers/decisions (``layout.router_sharing`` with a per-layer bank), ``hash`` and
+``stablemoe`` (token ids from the context), ``chain_of_experts`` (calls ``layer.dispatch`` per
+iteration). Capacity drops (``capacity_factor``) are decided per rank on its own tokens, as in
+Megatron-LM and GShard.
 
 Refused (:func:`check_ep_supported`), with the reason:
 - ``smear`` merges the weights of all E experts per sequence (needs every expert on every rank);

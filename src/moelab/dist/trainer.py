@@ -172,7 +172,8 @@ def _loop(cfg, run_dir, state, model, ddp, optimizer, stream, data, step, tokens
     tcfg = cfg.train
     rank0 = state.rank == 0
     last = until_step if until_step is not None else tcfg.steps
-    params = model.num_parameters()
+    with torch.device("meta"):  # the unsharded model's counts (this rank holds E/ep experts per layer)
+        params = MoETransformer(cfg.model).num_parameters()
     metrics = JsonlLog(run_dir / METRICS_FILE) if rank0 else None
     evals = JsonlLog(run_dir / EVAL_FILE) if rank0 else None
     bar = Progress(tcfg.steps, step, mode=progress if rank0 else "off", log_every=tcfg.log_every)
