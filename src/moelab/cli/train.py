@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -84,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint "
                    "(its saved config, plus any overrides, e.g. --train.steps to extend it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--nproc", type=int, default=None, help="launch N processes with torchrun (data/expert "
+                   "parallel: see --parallel.dp/--parallel.ep and `moelab.dist`)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="progress bar on a terminal, log lines otherwise (default: auto)")
     _add_override_help(p)
@@ -164,6 +167,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.preset, args.config, args.overrides)
     run_dir = args.run_dir or _DEFAULT_RUN_DIR.format(preset=args.preset, time=time.strftime("%Y%m%d-%H%M%S"))
+    from moelab.cli import dist as dist_cli
+
+    if args.nproc and "WORLD_SIZE" not in os.environ:  # the shorthand: relaunch under torchrun
+        argv = dist_cli.strip_nproc(sys.argv[1:]) + ([] if args.run_dir else ["--run-dir", run_dir])
+        return dist_cli.launch_torchrun(args.nproc, argv)
+    if dist_cli.wants_distributed(cfg, run_dir, args.resume):
+        return dist_cli.train_distributed_cli(cfg, run_dir, args)
     summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
     print(format_summary(summary, cfg, run_dir))
     return 130 if summary["interrupted"] else 0

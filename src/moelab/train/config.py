@@ -125,17 +125,46 @@ def check_field_types(obj: Any, prefix: str) -> None:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """Data and expert parallelism on torch.distributed (used by ``moelab.dist``; launch with torchrun).
+
+    dp: data-parallel replicas, 0 = the world size (the only valid other value is the world size).
+    ep: expert-parallel degree; divides the world size and ``moe.num_experts``.
+    backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl". timeout_s: limit on every
+    collective (a dead rank makes the others exit with an error). ``train.batch_size`` is the global
+    batch; each rank takes ``batch_size / world`` rows of it.
+    """
+
+    dp: int = 0
+    ep: int = 1
+    backend: str = "auto"
+    timeout_s: float = 300.0
+
+    def validate(self) -> "ParallelConfig":
+        check_range("parallel.dp", self.dp, low=0)
+        check_range("parallel.ep", self.ep, low=1)
+        check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        check_range("parallel.timeout_s", self.timeout_s, low=0.0, low_inclusive=False)
+        return self
+
+    def active(self) -> bool:
+        return self.dp > 1 or self.ep > 1
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Everything a run needs; ``config.json`` of a run directory is ``to_dict()``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "RunConfig":
         for obj, prefix in ((self.model, "model"), (self.model.moe, "moe"), (self.data, "data")):
             check_field_types(obj, prefix)
         self.train.validate()
+        self.parallel.validate()
         self.model.validate()
         try:
             self.data.validate()
@@ -146,7 +175,8 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train)}
+        return {"model": self.model.to_dict(), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
+                "parallel": dataclasses.asdict(self.parallel)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -209,7 +239,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- overrides
 
-_SECTIONS = ("model", "data", "train")
+_SECTIONS = ("model", "data", "train", "parallel")
 
 
 def _resolve(cfg: RunConfig, key: str) -> tuple[Any, str]:
@@ -219,7 +249,7 @@ def _resolve(cfg: RunConfig, key: str) -> tuple[Any, str]:
         parts = ["model", *parts]
     if parts[0] not in _SECTIONS or len(parts) < 2:
         raise MoelabError(
-            f"config key {key!r} is not valid; keys are SECTION.FIELD with SECTION one of: model, moe, data, train, layout"
+            f"config key {key!r} is not valid; keys are SECTION.FIELD with SECTION one of: model, moe, data, train, layout, parallel"
         )
     obj: Any = cfg
     for i, name in enumerate(parts[:-1]):
