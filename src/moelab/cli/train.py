@@ -191,7 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.train.trainer import evaluate
 
     run = load_run(args.run, args.step)
-    data = prepare_data(run.config.data)
+    given = run.tokenizer if run.config.data.tokenizer == "pretrained" else None
+    data = prepare_data(run.config.data, tokenizer=given)
     if data.tokenizer.fingerprint != run.tokenizer.fingerprint:
         raise MoelabError(f"the data of run {args.run!r} changed since training (tokenizer differs)")
     with torch.inference_mode():
