@@ -73,7 +73,7 @@ def refresh_specs(model: HFMoEModel) -> None:
 
 def save_hf_run(model: HFMoEModel, tokenizer: PretrainedTokenizer, run_dir: str | Path, *,
                 source: str = "", hf_tokenizer: Any = None, step: int = 0, overwrite: bool = False,
-                seq_len: int = 256) -> Path:
+                seq_len: int = 256, data_source: str = "embedded") -> Path:
     """Write ``model`` as a run directory (see the module docstring)."""
     from moelab.train import checkpoint as ckpt
     from moelab.train.config import RunConfig
@@ -86,7 +86,7 @@ def save_hf_run(model: HFMoEModel, tokenizer: PretrainedTokenizer, run_dir: str 
     run_dir.mkdir(parents=True, exist_ok=True)
     refresh_specs(model)
     mc = model_config_for(model)
-    data = DataConfig(tokenizer="pretrained", vocab_size=max(260, tokenizer.vocab_size),
+    data = DataConfig(source=data_source, tokenizer="pretrained", vocab_size=max(260, tokenizer.vocab_size),
                       seq_len=min(seq_len, mc.max_seq_len))
     cfg = RunConfig(model=mc, data=data).to_dict()
     cfg["hf"] = hf_section(model, tokenizer, source)
@@ -162,15 +162,21 @@ def load_hf_run(run_dir: str | Path, step: int | None = None, *, device: str | t
 
 
 def import_to_run(path: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False,
-                  seq_len: int = 256) -> Path:
-    """``moelab hf import``: a local HF folder -> a run directory with the model's own tokenizer."""
+                  seq_len: int = 256, data_source: str = "embedded", swap_router: str | None = None,
+                  router_kwargs: dict[str, Any] | None = None) -> Path:
+    """``moelab hf import``: a local HF folder -> a run directory with the model's own tokenizer;
+    ``swap_router``: replace every router (``moelab.models.router_swap.swap_routers``) first."""
     from moelab.models.hf.convert import check_folder, from_pretrained
 
     folder, _ = check_folder(path)
     hf_tok, tok = load_tokenizer(folder)
     model = from_pretrained(folder, dtype=dtype)
+    if swap_router is not None:
+        from moelab.models.router_swap import swap_routers
+
+        swap_routers(model, swap_router, router_kwargs=router_kwargs, freeze_experts=False)
     return save_hf_run(model, tok, out, source=str(folder.resolve()), hf_tokenizer=hf_tok,
-                       overwrite=overwrite, seq_len=seq_len)
+                       overwrite=overwrite, seq_len=seq_len, data_source=data_source)
 
 
 def load_tokenizer(folder: Path) -> tuple[Any, PretrainedTokenizer]:
