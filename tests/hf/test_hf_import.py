@@ -126,3 +126,26 @@ def test_cli_eval_generate_analyze_report_on_imported_run(mixtral_run, capsys):
     assert (mixtral_run / "analysis" / "trace_step_000000.safetensors").is_file()
     assert main(["report", str(mixtral_run), "--windows", "2"]) == 0
     assert (mixtral_run / "report" / "report.html").is_file()
+
+
+def test_swap_and_replay_on_imported_model_persist_in_run_dir(hf_folders, tmp_path):
+    from hf_helpers import make_tokenizer
+    from moelab.hf import from_pretrained, record_routing, replay_routing, save_hf_run, swap_routers
+    from moelab.models.hf.tokenizer import from_transformers
+    from moelab.train.run import load_run
+
+    folder, _ = hf_folders["deepseek_v3"]
+    model = from_pretrained(folder)
+    ids, att = prompts()
+    with record_routing(model) as rec:
+        y0 = model(ids, attention_mask=att).logits
+    with replay_routing(model, rec):
+        assert torch.equal(model(ids, attention_mask=att).logits, y0)
+    swap_routers(model, "softmax_topk")
+    hf_tok = make_tokenizer()
+    run = save_hf_run(model, from_transformers(hf_tok), tmp_path / "run", hf_tokenizer=hf_tok)
+    loaded = load_run(run)
+    assert [s.layer.cfg.router for s in moe_layers(loaded.model)] == ["softmax_topk", "softmax_topk"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids, attention_mask=att).logits, model(ids, attention_mask=att).logits,
+                                   rtol=0, atol=1e-6)
