@@ -73,19 +73,75 @@ def check_model_type(cfg: dict[str, Any], where: str) -> str:
     return family_of(str(mt)).name  # raises: unsupported, naming the supported ones
 
 
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of every safetensors file of the checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else (
+        ["model.safetensors"] if (folder / "model.safetensors").is_file() else [])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
+            raise MoelabError(f"weights file {str(folder / name)!r} is not readable safetensors: {e}") from None
+    return shapes
+
+
+def check_expert_tensors(shapes: dict[str, tuple[int, ...]], num_experts: int | None) -> None:
+    """Per-expert checkpoints: every expert 0..E-1 present for each tensor, all of one shape."""
+    groups: dict[tuple[str, str], dict[int, tuple[int, ...]]] = {}
+    for k, shape in shapes.items():
+        m = _PER_EXPERT.match(k)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = shape
+    for (pre, suf), by_e in sorted(groups.items()):
+        E = num_experts or max(by_e) + 1
+        for e in range(E):
+            if e not in by_e:
+                raise MoelabError(f"tensor {pre}.{e}.{suf} is missing from the checkpoint (expected {E} experts)")
+        common = max(set(by_e.values()), key=list(by_e.values()).count)
+        for e, shape in sorted(by_e.items()):
+            if shape != common:
+                raise MoelabError(f"tensor {pre}.{e}.{suf} has shape {shape}; the other experts' is {common}")
+
+
 def load_hf_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` offline, refusing missing or mis-shaped tensors."""
+    cfg = json.loads((folder / "config.json").read_text())
+    check_expert_tensors(checkpoint_shapes(folder), next((cfg[k] for k in _MOE_KEYS if cfg.get(k)), None))
     tf = transformers_offline()
     try:
         model, info = tf.AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, dtype=dtype, output_loading_info=True)
     except (RuntimeError, ValueError, OSError) as e:
-        raise MoelabError(f"transformers could not load {str(folder)!r}: {_short(e)}") from None
+        hit = re.search(r"destined for (\S+)", str(e))
+        where = f" (tensor {hit.group(1)})" if hit else _first_mismatch(tf, folder)
+        raise MoelabError(f"transformers could not load {str(folder)!r}{where}: {_short(e)}") from None
     bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if bad:
         raise MoelabError(f"checkpoint {str(folder)!r}: tensor {bad[0]} is missing or mis-shaped "
                           f"({len(bad)} tensors: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})")
     return model
+
+
+def _first_mismatch(tf: Any, folder: Path) -> str:
+    """`` (tensor X has shape S; the model expects S0)`` for the first checkpoint tensor of the wrong shape."""
+    try:
+        with torch.device("meta"):
+            want = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        expected = {k: tuple(v.shape) for k, v in want.state_dict().items()}
+    except Exception:  # noqa: BLE001 - best effort: the caller's message stands alone
+        return ""
+    for k, shape in sorted(checkpoint_shapes(folder).items()):
+        if k in expected and expected[k] != shape:
+            return f" (tensor {k} has shape {shape}; the model expects {expected[k]})"
+    return ""
 
 
 def _short(e: BaseException) -> str:
