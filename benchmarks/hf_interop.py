@@ -171,7 +171,7 @@ def main() -> int:
     cols = ["model", "mode", "impl", "median_ms", "vs_fastest_hf", "fastest_hf", "max_abs_logit_diff"]
     md = (f"# hf_interop{' (quick)' if args.quick else ''}\n\nbatch x seq = {sh['_batch']}, device {args.device}, "
           f"{rounds} interleaved rounds (medians)\n\n" + markdown_table(rows, cols) +
-          f"\n\nImport / export of a {io["params"] / 1e6:.1f}M-parameter Mixtral-shaped random model: "
+          f"\n\nImport / export of a {io['params'] / 1e6:.1f}M-parameter Mixtral-shaped random model: "
           f"import {io['import_s']:.1f} s, export {io['export_s']:.1f} s\n")
     print(md)
     name = "hf_interop_quick" if args.quick else "hf_interop"
