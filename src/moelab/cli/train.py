@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint "
                    "(its saved config, plus any overrides, e.g. --train.steps to extend it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start from RUN's newest checkpoint, model config and tokenizer (trained or imported with "
+                        "`moelab hf import`); e.g. with --train.only routers")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="progress bar on a terminal, log lines otherwise (default: auto)")
     _add_override_help(p)
@@ -160,6 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.run_dir)
         if args.config:
             raise MoelabError("--config cannot be combined with --resume (the run's saved config is used)")
+        apply_overrides(cfg, args.overrides).validate()
+    elif getattr(args, "init_from", None):
+        if args.config:
+            raise MoelabError("--config cannot be combined with --init-from (the model of --init-from is used)")
+        src = load_config(args.init_from)
+        cfg = type(src)(model=src.model, data=src.data)
+        cfg.train.init_from = str(args.init_from)
         apply_overrides(cfg, args.overrides).validate()
     else:
         cfg = build_config(args.preset, args.config, args.overrides)

@@ -34,6 +34,9 @@ class TrainConfig:
     the end). eval_max_batches: cap on validation batches per evaluation (None = the whole split).
     keep_last: checkpoints kept. log_every: plain log line period when stdout is not a terminal.
     dtype: "bfloat16" runs forward/backward under autocast. compile: wrap the model in torch.compile.
+    init_from: a run directory (trained or imported from Hugging Face) whose newest checkpoint and
+    tokenizer start this run (``moelab train --init-from RUN``). only: "all" trains every parameter,
+    "routers" only the MoE routers (experts, attention, embeddings frozen; Router-Tuning style).
     """
 
     steps: int = 1000
@@ -58,6 +61,8 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     threads: int | None = None
+    init_from: str | None = None
+    only: str = "all"
 
     def validate(self) -> "TrainConfig":
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -73,6 +78,7 @@ class TrainConfig:
                 check_range(f"train.{name}", getattr(self, name), low=1)
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.device", self.device, DEVICES)
+        check_choice("train.only", self.only, ("all", "routers"))
         return self
 
 

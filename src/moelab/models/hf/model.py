@@ -84,6 +84,19 @@ class HFMoEModel(nn.Module):
     def config(self) -> Any:
         return self.hf.config
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """As ``nn.Module.state_dict``, with tied tensors (embeddings = LM head) cloned so the dict
+        can be written to safetensors (which refuses shared storage); loading writes both copies."""
+        sd = super().state_dict(*args, **kwargs)
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for k, v in sd.items():
+            if isinstance(v, Tensor) and v.numel():
+                key = (v.untyped_storage().data_ptr(), tuple(v.shape))
+                if key in seen:
+                    sd[k] = v.clone()
+                seen.add(key)
+        return sd
+
     def install(self, index: int, moe: nn.Module) -> None:
         """Put ``moe`` (a MoELayer) behind an adapter at block ``index``'s ``mlp``."""
         decoder_layers(self.hf)[index].mlp = HFMoEBlock(moe, index, self._holder, self.family.returns_tuple)

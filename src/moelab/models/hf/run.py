@@ -98,7 +98,7 @@ def save_hf_run(model: HFMoEModel, tokenizer: PretrainedTokenizer, run_dir: str 
     if hf_tokenizer is not None:
         hf_tokenizer.save_pretrained(str(hf_dir))
     tokenizer.save(run_dir / "tokenizer.json")
-    sd = {k: v.detach().clone().contiguous().cpu() for k, v in model.state_dict().items()}  # tied: no sharing
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     ckpt.save_checkpoint(run_dir / "checkpoints", step, SimpleNamespace(state_dict=lambda: sd), None,
                          extra={"imported_from": source})
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -107,6 +107,23 @@ def save_hf_run(model: HFMoEModel, tokenizer: PretrainedTokenizer, run_dir: str 
                "params_total": counts["total"], "params_active": counts["active"]}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir
+
+
+def copy_hf_section(src_run: Path, dst_run: Path, model: HFMoEModel) -> None:
+    """Make ``dst_run`` (being written by the trainer, ``train.init_from=src_run``) an imported run too:
+    the HF folder and the ``hf`` section of config.json (with the model's current MoE layers)."""
+    src_cfg = json.loads((Path(src_run) / "config.json").read_text())
+    h = dict(read_hf_section(src_cfg, Path(src_run)))
+    refresh_specs(model)
+    h["layers"] = {str(i): {"moe": dict(s["moe"]), "experts": dict(s["experts"])}
+                   for i, s in sorted(model.layer_specs.items())}
+    h["init_from"] = str(Path(src_run).resolve())
+    if (Path(dst_run) / HF_DIR).resolve() != (Path(src_run) / HF_DIR).resolve():
+        shutil.copytree(Path(src_run) / HF_DIR, Path(dst_run) / HF_DIR, dirs_exist_ok=True)
+    p = Path(dst_run) / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["hf"] = h
+    p.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def read_hf_section(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
