@@ -149,3 +149,29 @@ def test_swap_and_replay_on_imported_model_persist_in_run_dir(hf_folders, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids, attention_mask=att).logits, model(ids, attention_mask=att).logits,
                                    rtol=0, atol=1e-6)
+
+
+def test_per_expert_and_fused_checkpoints_are_both_read(hf_folders, tmp_path):
+    """save_pretrained writes Mixtral per-expert (experts.<e>.w1/w2/w3) and GPT-OSS fused; a Mixtral
+    checkpoint written fused (the in-memory layout) imports to the same logits."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moelab.hf import from_pretrained
+
+    def keys(folder):
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+
+    folder, ref = hf_folders["mixtral"]
+    assert any(".experts.0.w1.weight" in k for k in keys(folder))
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys(hf_folders["gpt_oss"][0]))
+    fused = shutil.copytree(folder, tmp_path / "fused")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(fused / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys(fused))
+    ids, att = prompts()
+    got = _logits(from_pretrained(fused), ids, att)
+    assert (got - _logits(ref, ids, att, hf=True)).abs().max().item() <= 1e-5
