@@ -26,7 +26,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: $(STAMP)
-	@for f in benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/route.py benchmarks/threads.py; do \
+	@for f in benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/route.py benchmarks/threads.py benchmarks/hf_interop.py; do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:

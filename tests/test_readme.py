@@ -12,3 +12,16 @@ def test_moe_layer_example_runs(capsys):
     assert layer_blocks, "the README lost its MoE layer example"
     exec(compile(layer_blocks[0], "README.md", "exec"), {})
     assert "aux_loss" in capsys.readouterr().out
+
+
+def test_hf_example_runs(capsys):
+    import pytest
+
+    pytest.importorskip("transformers", reason="the Hugging Face example needs transformers")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    hf_blocks = [b for b in blocks if "moelab.hf" in b and '"hf", "import"' in b]
+    assert hf_blocks, "the README lost its Hugging Face import -> analyze -> export example"
+    exec(compile(hf_blocks[0], "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    diff = float(out.split("max |logit diff|:")[1].split()[0])
+    assert diff <= 1e-5 and "imported mixtral" in out and "exported" in out

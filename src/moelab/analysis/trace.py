@@ -158,12 +158,13 @@ class Trace:
 
 # --------------------------------------------------------------------------- hashes / checks
 def config_hash(config: dict[str, Any]) -> str:
-    """Hash of the model architecture part of a run config (``model`` and ``moe`` sections).
+    """Hash of the model architecture part of a run config (``model`` and ``moe`` sections, and the
+    ``hf`` section of an imported Hugging Face run).
 
     Traces of two checkpoints of one run share it; a trace from a differently shaped model does
     not. Falls back to the whole config when it has no ``model`` section.
     """
-    arch = {k: config[k] for k in ("model", "moe") if k in config} or config
+    arch = {k: config[k] for k in ("model", "moe", "hf") if k in config} or config
     blob = json.dumps(arch, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

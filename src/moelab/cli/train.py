@@ -87,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--nproc", type=int, default=None, help="launch N processes with torchrun (data/expert "
                    "parallel: see --parallel.dp/--parallel.ep and `moelab.dist`)")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start from RUN's newest checkpoint, model config and tokenizer (trained or imported with "
+                        "`moelab hf import`); e.g. with --train.only routers")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="progress bar on a terminal, log lines otherwise (default: auto)")
     _add_override_help(p)
@@ -164,6 +167,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise MoelabError("--config cannot be combined with --resume (the run's saved config is used)")
         apply_overrides(cfg, args.overrides).validate()
+    elif getattr(args, "init_from", None):
+        if args.config:
+            raise MoelabError("--config cannot be combined with --init-from (the model of --init-from is used)")
+        src = load_config(args.init_from)
+        cfg = type(src)(model=src.model, data=src.data)
+        cfg.train.init_from = str(args.init_from)
+        apply_overrides(cfg, args.overrides).validate()
     else:
         cfg = build_config(args.preset, args.config, args.overrides)
     run_dir = args.run_dir or _DEFAULT_RUN_DIR.format(preset=args.preset, time=time.strftime("%Y%m%d-%H%M%S"))
@@ -201,7 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.train.trainer import evaluate
 
     run = load_run(args.run, args.step)
-    data = prepare_data(run.config.data)
+    given = run.tokenizer if run.config.data.tokenizer == "pretrained" else None
+    data = prepare_data(run.config.data, tokenizer=given)
     if data.tokenizer.fingerprint != run.tokenizer.fingerprint:
         raise MoelabError(f"the data of run {args.run!r} changed since training (tokenizer differs)")
     with torch.inference_mode():

@@ -50,7 +50,7 @@ from moelab.errors import MoelabError, check_choice, check_range
 
 CORPUS_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-TOKENIZER_KINDS = ("bpe", "byte")
+TOKENIZER_KINDS = ("bpe", "byte", "pretrained")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,9 @@ class DataConfig:
         a ``.jsonl`` file, or ``"hf:<saved-folder-or-name>"``.
     text_field / domain_field: field names for JSONL and Hugging Face rows (domain_field optional).
     val_fraction / test_fraction: split by hash of the document id.
-    tokenizer: ``"bpe"`` (byte-level BPE trained on the train split) or ``"byte"`` (256 bytes + specials).
+    tokenizer: ``"bpe"`` (byte-level BPE trained on the train split) or ``"byte"`` (256 bytes + specials);
+        ``"pretrained"``: the run's own tokenizer (an imported Hugging Face model's), passed to
+        ``prepare_data(cfg, tokenizer=...)``; nothing is trained.
     vocab_size: BPE vocabulary size including the special tokens (ignored for ``"byte"``).
     seq_len: tokens per training sequence.
     max_chars_per_domain: optional cap on each domain's characters (before the split).

@@ -25,8 +25,11 @@ class PreparedData:
     timings_s: dict[str, float]
 
 
-def prepare_data(cfg: DataConfig | None = None) -> PreparedData:
-    """Load the corpus, train (or load the cached) tokenizer on the train split, tokenise every split."""
+def prepare_data(cfg: DataConfig | None = None, *, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Load the corpus, train (or load the cached) tokenizer on the train split, tokenise every split.
+
+    ``tokenizer`` given: use it instead of training one (required for ``cfg.tokenizer="pretrained"``,
+    e.g. the tokenizer of an imported Hugging Face run)."""
     cfg = cfg if cfg is not None else DataConfig()
     t0 = time.perf_counter()
     splits = load_corpus(cfg)
@@ -38,8 +41,10 @@ def prepare_data(cfg: DataConfig | None = None) -> PreparedData:
         raise MoelabError(f"val split has 0 documents (val_fraction={cfg.val_fraction} of {n_docs:,} "
                           "documents); add data, raise val_fraction, or set val_fraction=0 to skip evaluation")
     t1 = time.perf_counter()
-    tok = train_tokenizer(splits.train, cfg.tokenizer, cfg.vocab_size,
-                          max_train_chars=cfg.tokenizer_train_chars, cache_dir=cfg.cache_dir)
+    if tokenizer is None and cfg.tokenizer == "pretrained":
+        raise MoelabError("tokenizer='pretrained' needs the run's tokenizer: prepare_data(cfg, tokenizer=run.tokenizer)")
+    tok = tokenizer if tokenizer is not None else train_tokenizer(
+        splits.train, cfg.tokenizer, cfg.vocab_size, max_train_chars=cfg.tokenizer_train_chars, cache_dir=cfg.cache_dir)
     t2 = time.perf_counter()
     tokens = {s: tokenize_documents(splits.split(s), tok, cache_dir=cfg.cache_dir) for s in SPLITS}
     t3 = time.perf_counter()

@@ -128,6 +128,9 @@ class MoELayer(nn.Module):
         return routing
 
     def dispatch(self, x_TD: Tensor, routing: RoutingResult) -> Tensor:
+        routed = getattr(self.experts, "forward_routed", None)  # banks with their own FFN (experts_ext)
+        if routed is not None:
+            return routed(x_TD, routing)
         return pick_dispatcher(self.cfg.dispatch, x_TD.device)(x_TD, routing, self.experts)
 
     def balance(self, routing: RoutingResult, ctx: RoutingContext | None) -> dict[str, Tensor]:

@@ -40,6 +40,9 @@ class TrainConfig:
     consecutive skips). collapse_window / collapse_ratio: warn when an MoE layer's load max/mean stays
     >= collapse_ratio * E/k, or an expert gets no tokens, for collapse_window steps (0 = off).
     See moelab.train.monitor.
+    init_from: a run directory (trained or imported from Hugging Face) whose newest checkpoint and
+    tokenizer start this run (``moelab train --init-from RUN``). only: "all" trains every parameter,
+    "routers" only the MoE routers (experts, attention, embeddings frozen; Router-Tuning style).
     """
 
     steps: int = 1000
@@ -68,6 +71,8 @@ class TrainConfig:
     max_skipped_steps: int = 10
     collapse_window: int = 20
     collapse_ratio: float = 0.9
+    init_from: str | None = None
+    only: str = "all"
 
     def validate(self) -> "TrainConfig":
         check_field_types(self, "train")
@@ -87,6 +92,7 @@ class TrainConfig:
         check_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
         check_range("train.max_skipped_steps", self.max_skipped_steps, low=1)
         check_range("train.collapse_ratio", self.collapse_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_choice("train.only", self.only, ("all", "routers"))
         return self
 
 

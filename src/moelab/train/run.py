@@ -21,7 +21,7 @@ from moelab.train.trainer import CKPT_DIR, CONFIG_FILE, SUMMARY_FILE, TOKENIZER_
 class LoadedRun:
     """A trained model (eval mode, CPU unless ``device`` was given) with its config and tokenizer."""
 
-    model: MoETransformer
+    model: MoETransformer  # or moelab.models.hf.HFMoEModel for an imported Hugging Face run
     config: RunConfig
     tokenizer: Tokenizer
     step: int
@@ -40,20 +40,29 @@ def read_json_file(path: Path) -> Any:
         raise MoelabError(f"{str(path)!r} is corrupted or truncated: not valid JSON ({e})") from None
 
 
-def load_config(run_dir: str | Path) -> RunConfig:
+def read_config_dict(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir) / CONFIG_FILE
     if not p.is_file():
         raise MoelabError(f"run_dir={str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-    d = read_json_file(p)
+    return read_json_file(p)
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The run's RunConfig (an imported Hugging Face run's extra ``hf`` section is left out)."""
+    d = read_config_dict(run_dir)
     try:
-        return RunConfig.from_dict(d)
+        return RunConfig.from_dict({k: v for k, v in d.items() if k != "hf"})
     except MoelabError as e:
-        raise MoelabError(f"{str(p)!r} is not a valid run config: {e}") from None
+        raise MoelabError(f"{str(Path(run_dir) / CONFIG_FILE)!r} is not a valid run config: {e}") from None
 
 
 def load_run(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu") -> LoadedRun:
     """Load the checkpoint ``step`` (None: the newest) of ``run_dir``; the weights' sha256 is verified."""
     run_dir = Path(run_dir)
+    if "hf" in read_config_dict(run_dir):  # an imported Hugging Face model (moelab.models.hf)
+        from moelab.models.hf.run import load_hf_run
+
+        return load_hf_run(run_dir, step, device=device)
     config = load_config(run_dir)
     tok_path = run_dir / TOKENIZER_FILE
     if not tok_path.is_file():

@@ -295,6 +295,38 @@ class _Health:
                    f"= {bound:.3f}: the model is worse than uniform guessing (the run diverged; lower train.lr)")
             self.warnings.append(msg)
             write(msg)
+# --------------------------------------------------------------------------- init from another run
+
+
+def _load_init(init_from: str | None) -> Any:
+    """The ``LoadedRun`` that starts this run (``train.init_from``), or None."""
+    if not init_from:
+        return None
+    from moelab.train.run import load_run
+
+    return load_run(init_from)
+
+
+def _init_model(cfg: RunConfig, init: Any, run_dir: Path) -> torch.nn.Module:
+    """A fresh ``MoETransformer``, or the ``init_from`` run's model: its weights (same architecture),
+    or the imported Hugging Face model itself (its ``hf`` section and folder are copied into ``run_dir``)."""
+    if init is None:
+        return MoETransformer(cfg.model)
+    from moelab.models.hf.model import HFMoEModel
+
+    if isinstance(init.model, HFMoEModel):
+        from moelab.models.hf.run import copy_hf_section
+
+        copy_hf_section(init.run_dir, run_dir, init.model)
+        return init.model
+    model = MoETransformer(cfg.model)
+    try:
+        model.load_state_dict(init.model.state_dict())
+    except RuntimeError as e:
+        raise MoelabError(f"train.init_from={str(init.run_dir)!r}: its weights do not fit this model config "
+                          f"(keep the model/moe settings of that run): {str(e).splitlines()[0]}") from None
+    return model
+
 
 # --------------------------------------------------------------------------- the loop
 
@@ -320,7 +352,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     device = pick_device(tcfg.device)
 
     # ---- data and tokenizer
-    data = prepare_data(cfg.data)
+    init = _load_init(tcfg.init_from)
+    data = prepare_data(cfg.data, tokenizer=None if init is None else init.tokenizer)
     tokenizer = data.tokenizer
     if resume and (run_dir / TOKENIZER_FILE).is_file():
         saved = Tokenizer.load(run_dir / TOKENIZER_FILE)
@@ -328,12 +361,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             raise MoelabError(f"the data of run_dir={str(run_dir)!r} changed (tokenizer differs); cannot resume exactly")
     tokenizer.save(run_dir / TOKENIZER_FILE)
     _write(run_dir / MANIFEST_FILE, data.manifest)
-    cfg.model.vocab_size = tokenizer.vocab_size
+    if init is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
     cfg.save(run_dir / CONFIG_FILE)
 
     # ---- model, optimizer, stream
     torch.manual_seed(tcfg.seed)
-    model = MoETransformer(cfg.model).to(device)
+    model = _init_model(cfg, init, run_dir).to(device)
+    if tcfg.only == "routers":
+        from moelab.models.router_swap import freeze_all_but_routers
+
+        freeze_all_but_routers(model)
     for _, layer in model.moe_layers():
         layer.aux_loss_scale = 1.0 / tcfg.grad_accum
     init_note = init_hook(model) if init_hook is not None and not ckpt.list_checkpoints(run_dir / CKPT_DIR) else None

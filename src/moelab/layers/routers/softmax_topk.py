@@ -37,10 +37,14 @@ class SoftmaxTopKRouter(Router):
     Aux-loss-free bias (choice of ours; DeepSeek-V3 defines it for sigmoid scores): added to the
     probabilities for softmax_then_topk and to the logits for topk_then_softmax, selection only.
     ``probs_TE`` is the full softmax over E experts (what the Switch loss uses).
+
+    ``bias=True`` adds a learned per-expert bias to the logits (GPT-OSS's router is a Linear with
+    bias, followed by top-k of the logits and a softmax over the k selected: ``score_order=
+    "topk_then_softmax"``); it starts at zero. Default False (no parameter: old checkpoints load).
     """
 
     def __init__(self, cfg: MoEConfig, *, score_order: str = "softmax_then_topk",
-                 renormalize: bool | None = None) -> None:
+                 renormalize: bool | None = None, bias: bool = False) -> None:
         super().__init__(cfg)
         check_choice("score_order", score_order, SCORE_ORDERS)
         if renormalize is not None and not isinstance(renormalize, bool):
@@ -53,10 +57,16 @@ class SoftmaxTopKRouter(Router):
                 "and the router untrainable; use score_order='softmax_then_topk', renormalize=False"
             )
         self.gate = GateLinear(cfg.d_model, cfg.num_experts, cfg.init_std)
+        if not isinstance(bias, bool):
+            raise MoelabError(f"bias={bias!r} must be True or False")
+        self.bias_E = torch.nn.Parameter(torch.zeros(cfg.num_experts)) if bias else None
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext | None = None) -> RoutingResult:
         x_TD = self.check_input(x_TD)
-        logits_TE = check_finite_logits(self.gate(x_TD), "softmax_topk")
+        logits_TE = self.gate(x_TD)
+        if self.bias_E is not None:
+            logits_TE = logits_TE + self.bias_E.float()
+        logits_TE = check_finite_logits(logits_TE, "softmax_topk")
         probs_TE = torch.softmax(logits_TE, dim=-1)
         bias_E = self.selection_bias()
         if self.score_order == "softmax_then_topk":
