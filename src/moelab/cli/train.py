@@ -84,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint "
                    "(its saved config, plus any overrides, e.g. --train.steps to extend it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--init-from", metavar="RUN", help="start from RUN's newest weights with a fresh optimizer and "
+                   "schedule, using RUN's config plus any overrides (e.g. an upcycled run; see `moelab upcycle`)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="progress bar on a terminal, log lines otherwise (default: auto)")
     _add_override_help(p)
@@ -161,10 +163,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise MoelabError("--config cannot be combined with --resume (the run's saved config is used)")
         apply_overrides(cfg, args.overrides).validate()
+    elif getattr(args, "init_from", None):
+        if args.config:
+            raise MoelabError("--config cannot be combined with --init-from (RUN's saved config is used)")
+        cfg = apply_overrides(load_config(args.init_from), args.overrides).validate()
     else:
         cfg = build_config(args.preset, args.config, args.overrides)
     run_dir = args.run_dir or _DEFAULT_RUN_DIR.format(preset=args.preset, time=time.strftime("%Y%m%d-%H%M%S"))
-    summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    summary = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=args.progress,
+                    init_from=None if args.resume else getattr(args, "init_from", None))
     print(format_summary(summary, cfg, run_dir))
     return 130 if summary["interrupted"] else 0
 

@@ -152,17 +152,35 @@ def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
     return flag, lambda: signal.signal(signal.SIGINT, previous)
 
 
+def load_init_weights(model: torch.nn.Module, init_from: Path, tokenizer: Tokenizer, run_dir: Path) -> None:
+    """Load ``init_from``'s newest weights into ``model`` (same tokenizer required); note it in
+    ``run_dir/init_from.json``."""
+    saved = init_from / TOKENIZER_FILE
+    if not saved.is_file() or Tokenizer.load(saved).fingerprint != tokenizer.fingerprint:
+        raise MoelabError(f"init_from={str(init_from)!r} has no {TOKENIZER_FILE} or a different tokenizer than "
+                          "this run's data; use the same data config")
+    path = ckpt.find_checkpoint(init_from / CKPT_DIR)
+    model_sd, _, state = ckpt.read_checkpoint(path, with_optimizer=False)
+    try:
+        model.load_state_dict(model_sd)
+    except RuntimeError as e:
+        raise MoelabError(f"init_from={str(init_from)!r}: its weights do not fit model config ({e})") from None
+    (run_dir / "init_from.json").write_text(_dumps({"run": str(init_from), "step": int(state["step"])}))
+
+
 # --------------------------------------------------------------------------- the loop
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: str = "auto", until_step: int | None = None) -> dict[str, Any]:
+          progress: str = "auto", until_step: int | None = None, init_from: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (layout: docs/INTERFACES.md, "run directory"); return the summary.
 
     ``resume`` continues from the newest checkpoint (its config is ``cfg``: pass the saved one, with
     any overrides). ``overwrite`` replaces an existing run directory. ``progress``: "auto", "bar",
     "log" or "off". ``until_step`` stops early (with a checkpoint) after that step, the schedule
-    still following ``train.steps`` (for time-sliced jobs and tests).
+    still following ``train.steps`` (for time-sliced jobs and tests). ``init_from`` (a run directory)
+    starts from that run's newest weights with a fresh optimizer and schedule (a continued run, as OLMoE
+    advises for upcycled models); ``cfg.model`` must describe those weights.
     """
     run_dir = Path(run_dir)
     cfg.validate()
@@ -187,6 +205,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     # ---- model, optimizer, stream
     torch.manual_seed(tcfg.seed)
     model = MoETransformer(cfg.model).to(device)
+    if init_from is not None and not resume:
+        load_init_weights(model, Path(init_from), tokenizer, run_dir)
     for _, layer in model.moe_layers():
         layer.aux_loss_scale = 1.0 / tcfg.grad_accum
     optimizer = build_optimizer(model, tcfg)
