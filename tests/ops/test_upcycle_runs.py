@@ -65,6 +65,9 @@ def test_grow_run_and_bad_inputs(dense_run, tmp_path):
         from moelab.ops.upcycle.runs import make_options
         make_options("grow", k=3)
     assert main(["upcycle", str(out), "--method", "sparse", "--out", str(tmp_path / "x")]) == 2  # already MoE
+    assert main(["upcycle", str(dense_run), "--method", "carve", "--num-experts", "4", "--k", "2",
+                 "--out", str(tmp_path / "carved")]) == 0
+    assert load_run(tmp_path / "carved").config.model.moe.d_ff == 16
     assert main(["upcycle", str(dense_run), str(out), "--method", "sparse", "--out", str(tmp_path / "y")]) == 2
     cfg = load_config(grown)
     cfg.model.moe.num_experts = 8  # does not fit the weights

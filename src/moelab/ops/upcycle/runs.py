@@ -79,6 +79,8 @@ def upcycle_run(source: str | Path, method: str, options, out: str | Path, *, ov
         from moelab.ops.upcycle.grow import expert_utility
 
         kw["utility"] = expert_utility(model, calibration_batches(run, calib_batches))
+    if method == "carve":
+        kw["calibration"] = [ids for ids, _ in calibration_batches(run, calib_batches)]
     prepare_out(out, overwrite)
     fn(model, options, **kw)
     config = run.config
