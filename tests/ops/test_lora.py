@@ -185,3 +185,9 @@ def test_bad_input(tmp_path):
     with pytest.raises(MoelabError, match="not a readable safetensors"):
         load_adapters(base_model(), tmp_path / "bad")
     assert "lora" in ADAPTERS
+
+
+def test_adapters_twice_is_refused():
+    m = add_adapters(base_model(), AdapterConfig())
+    with pytest.raises(MoelabError, match="already has adapters"):
+        add_adapters(m, AdapterConfig(adapter="mixlora"))

@@ -233,3 +233,16 @@ def test_router_other_than_softmax_topk_is_refused():
     _, dense = dense_model()
     with pytest.raises(MoelabError, match="router='sigmoid_topk'"):
         UPCYCLERS.get("sparse")(dense, UPCYCLE_CONFIGS["sparse"](), template=MoEConfig(router="sigmoid_topk"))
+
+
+def test_routed_scale_multiplies_only_the_routed_output():
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, d_ff=8, num_experts=4, k=2, num_shared_experts=1, aux_loss="none")
+    plain = MoELayer(cfg)
+    scaled = MoELayer(MoEConfig(**{**cfg.to_dict(), "routed_scale": 3.0}))
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 16)
+    shared = plain.shared_experts(x)
+    assert torch.allclose(scaled(x) - shared, 3.0 * (plain(x) - shared), atol=1e-6)
+    with pytest.raises(MoelabError, match="routed_scale"):
+        MoELayer(MoEConfig(routed_scale=0.0))

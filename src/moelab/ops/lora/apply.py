@@ -33,6 +33,8 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze ``model`` and add ``cfg.adapter`` to every dense FFN (in place); returns ``model``."""
     cfg.validate()
     build = ADAPTERS.get(cfg.adapter)
+    if any(isinstance(m, (AdaptedFFN, LoRALinear)) or hasattr(m, "A_gate_ErD") for m in model.modules()):
+        raise MoelabError("this model already has adapters; load the base again (or merge_lora first)")
     sites = dense_ffn_sites(model)
     if not sites:
         raise MoelabError(f"adapter={cfg.adapter!r} adapts dense FFNs; this model has none "
