@@ -83,6 +83,24 @@ def finetune(base_run: str | Path, adapter_cfg: AdapterConfig, out: str | Path, 
 
     out.mkdir(parents=True, exist_ok=True)
     before = run_eval()
+    train_s, n_tokens = _loop(model, opt, params, stream, tc, device, out, progress)
+    after = run_eval()
+    base_state = json.loads((ckpt.find_checkpoint(Path(base_run) / CKPT_DIR) / ckpt.STATE_FILE).read_text())
+    extra = {"base_run": str(base_run), "base_step": run.step, "base_sha256": base_state["sha256"][ckpt.MODEL_FILE]}
+    save_adapters(model, adapter_cfg, out, extra)
+    summary = {"adapter": adapter_cfg.adapter, "steps": tc.steps, "data_source": cfg.data.source,
+               "trainable_params": trainable_parameters(model), "total_params": sum(p.numel() for p in model.parameters()),
+               "val_before": before, "val_after": after, "train_time_s": train_s, "tokens_per_s": n_tokens / train_s,
+               "peak_memory_mb": _peak_memory_mb(device), "peak_memory_kind": "cuda" if device.type == "cuda" else "rss"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if merge:
+        _write_merged(model, run, cfg, out / "merged", Path(base_run))
+    return summary
+
+
+def _loop(model, opt, params, stream, tc, device, out: Path, progress: str) -> tuple[float, int]:
+    """The optimisation loop (the trainer's: warmup + cosine lr, accumulation, clipping); returns
+    (seconds, tokens)."""
     torch.manual_seed(tc.seed)
     log, bar = JsonlLog(out / "metrics.jsonl"), Progress(tc.steps, 0, mode=progress, log_every=tc.log_every)
     t0, n_tokens = time.perf_counter(), 0
@@ -107,19 +125,7 @@ def finetune(base_run: str | Path, adapter_cfg: AdapterConfig, out: str | Path, 
     finally:
         log.close()
         bar.close()
-    train_s = time.perf_counter() - t0
-    after = run_eval()
-    base_state = json.loads((ckpt.find_checkpoint(Path(base_run) / CKPT_DIR) / ckpt.STATE_FILE).read_text())
-    extra = {"base_run": str(base_run), "base_step": run.step, "base_sha256": base_state["sha256"][ckpt.MODEL_FILE]}
-    save_adapters(model, adapter_cfg, out, extra)
-    summary = {"adapter": adapter_cfg.adapter, "steps": tc.steps, "data_source": cfg.data.source,
-               "trainable_params": trainable_parameters(model), "total_params": sum(p.numel() for p in model.parameters()),
-               "val_before": before, "val_after": after, "train_time_s": train_s, "tokens_per_s": n_tokens / train_s,
-               "peak_memory_mb": _peak_memory_mb(device), "peak_memory_kind": "cuda" if device.type == "cuda" else "rss"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if merge:
-        _write_merged(model, run, cfg, out / "merged", Path(base_run))
-    return summary
+    return time.perf_counter() - t0, n_tokens
 
 
 def _aux(model: torch.nn.Module) -> float:
