@@ -15,7 +15,8 @@ C. MixLoRA vs LoRA (Li et al. 2024): on a prose-only dense base, fine-tuned on c
 Every continued run uses `train(..., init_from=...)` (fresh optimizer, warmup + cosine). Seeds: train.seed
 and data.seed given by --seeds. Writes benchmarks/results/recipes.{json,md}.
 
-    python benchmarks/recipes_evidence.py            # S=300, R=8, seeds 0
+    python benchmarks/recipes_evidence.py --steps 100 --seeds 0 1 2   # what benchmarks/results/recipes.md reports
+    python benchmarks/recipes_evidence.py            # S=300, R=8, seed 0
     python benchmarks/recipes_evidence.py --quick    # S=20: checks the script works
 """
 
@@ -62,6 +63,17 @@ def val(run: Path) -> dict:
     return {"val_loss": s["val_loss"], **{f"{d}_loss": v["loss"] for d, v in s["per_domain"].items()}}
 
 
+def step0_val_loss(run: Path) -> float:
+    """Validation loss of a run directory's newest weights (an upcycled run at step 0)."""
+    from moelab.data.pipeline import prepare_data
+    from moelab.train.trainer import evaluate
+
+    r = load_run(run)
+    data = prepare_data(r.config.data)
+    return evaluate(r.model, data.tokens["val"], r.tokenizer, data.splits.domains, seq_len=r.config.data.seq_len,
+                    batch_size=16, max_batches=r.config.train.eval_max_batches)["val_loss"]
+
+
 def cont(src: Path, out: Path, steps: int) -> Path:
     cfg = load_config(src)
     cfg.train.steps, cfg.train.warmup_steps = steps, max(2, steps // 20)
@@ -72,25 +84,29 @@ def cont(src: Path, out: Path, steps: int) -> Path:
 def claim_a(root: Path, data: DataConfig, S: int, seed: int) -> list[dict]:
     e4 = root / f"A_e4_s{seed}"
     train(mini(data, S, seed, E=4), e4, overwrite=True, progress="off")
-    rows = [{"run": f"E=4, {S} steps (source)", **val(e4)}]
+    rows = [{"run": f"E=4, {S} steps (source)", "step0_val_loss": step0_val_loss(e4), **val(e4)}]
     for mode in ("copy", "phased"):
         g = upcycle_run(e4, "grow", make_options("grow", factor=2, mode=mode, utility=True), root / f"A_grow_{mode}_s{seed}",
                         overwrite=True)
-        rows.append({"run": f"grow {mode} E=4->8 + {S} steps", **val(cont(g, root / f"A_grow_{mode}_cont_s{seed}", S))})
-    rows.append({"run": f"E=4 continued {S} steps", **val(cont(e4, root / f"A_e4_cont_s{seed}", S))})
+        rows.append({"run": f"grow {mode} E=4->8 + {S} steps", "step0_val_loss": step0_val_loss(g),
+                     **val(cont(g, root / f"A_grow_{mode}_cont_s{seed}", S))})
+    e4c = cont(e4, root / f"A_e4_cont_s{seed}", S)
+    rows.append({"run": f"E=4 continued {S} steps", "step0_val_loss": float("nan"), **val(e4c)})
     e8 = root / f"A_e8_scratch_s{seed}"
     train(mini(data, 2 * S, seed, E=8), e8, overwrite=True, progress="off")
-    rows.append({"run": f"E=8 from scratch, {2 * S} steps", **val(e8)})
+    rows.append({"run": f"E=8 from scratch, {2 * S} steps", "step0_val_loss": float("nan"), **val(e8)})
     return rows
 
 
 def claim_b(root: Path, data: DataConfig, S: int, seed: int) -> list[dict]:
     dense = root / f"B_dense_s{seed}"
     train(mini(data, S, seed, moe_layers="none"), dense, overwrite=True, progress="off")
-    rows = [{"run": f"dense, {S} steps (source)", **val(dense)}]
+    rows = [{"run": f"dense, {S} steps (source)", "step0_val_loss": step0_val_loss(dense), **val(dense)}]
     up = upcycle_run(dense, "sparse", make_options("sparse", num_experts=8, k=2), root / f"B_up_s{seed}", overwrite=True)
-    rows.append({"run": f"sparse upcycle E=8 k=2 + {S} steps", **val(cont(up, root / f"B_up_cont_s{seed}", S))})
-    rows.append({"run": f"dense continued {S} steps", **val(cont(dense, root / f"B_dense_cont_s{seed}", S))})
+    rows.append({"run": f"sparse upcycle E=8 k=2 + {S} steps", "step0_val_loss": step0_val_loss(up),
+                 **val(cont(up, root / f"B_up_cont_s{seed}", S))})
+    dc = cont(dense, root / f"B_dense_cont_s{seed}", S)
+    rows.append({"run": f"dense continued {S} steps", "step0_val_loss": float("nan"), **val(dc)})
     return rows
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.ops.lora.base import AdapterConfig, AdaptedFFN, Router, balance, build_projection_adapter, lora_pair, topk_weights
+from moelab.ops.lora.base import (
+    AdapterConfig, AdaptedFFN, Router, balance, build_projection_adapter, lora_pair, topk_weights,
+)
 from moelab.ops.lora.registry import ADAPTERS
 
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import check_range
-from moelab.ops.lora.base import AdapterConfig, AdaptedFFN, Router, balance, build_projection_adapter, lora_pair, topk_weights
+from moelab.ops.lora.base import (
+    AdapterConfig, AdaptedFFN, Router, balance, build_projection_adapter, lora_pair, topk_weights,
+)
 from moelab.ops.lora.registry import ADAPTERS
 
 
