@@ -11,7 +11,8 @@ from moelab import __version__
 from moelab.errors import MoelabError
 
 # One entry per module of moelab.cli that adds subcommands (each owns its own file).
-COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep", "reproduce", "reroute", "dist", "hf"]
+COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep", "reproduce", "reroute", "dist", "hf",
+                              "upcycle", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,8 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=None, help="launch N processes with torchrun (data/expert "
                    "parallel: see --parallel.dp/--parallel.ep and `moelab.dist`)")
     p.add_argument("--init-from", metavar="RUN", default=None,
-                   help="start from RUN's newest checkpoint, model config and tokenizer (trained or imported with "
-                        "`moelab hf import`); e.g. with --train.only routers")
+                   help="start from RUN's newest weights and tokenizer with a fresh optimizer and schedule, using "
+                        "RUN's config plus any overrides (a run trained here, upcycled with `moelab upcycle`, or "
+                        "imported with `moelab hf import`); e.g. with --train.only routers")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
                    help="progress bar on a terminal, log lines otherwise (default: auto)")
     _add_override_help(p)
@@ -169,9 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.overrides).validate()
     elif getattr(args, "init_from", None):
         if args.config:
-            raise MoelabError("--config cannot be combined with --init-from (the model of --init-from is used)")
-        src = load_config(args.init_from)
-        cfg = type(src)(model=src.model, data=src.data)
+            raise MoelabError("--config cannot be combined with --init-from (RUN's saved config is used)")
+        cfg = load_config(args.init_from)
         cfg.train.init_from = str(args.init_from)
         apply_overrides(cfg, args.overrides).validate()
     else:

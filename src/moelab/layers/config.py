@@ -33,6 +33,10 @@ class MoEConfig:
     shared_d_ff: int | None = None  # hidden size of each shared expert (default d_ff)
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert output
     init_std: float = 0.02
+    # Multiplies the routed experts' combined output (not the shared experts'); 1.0 = off. Granular
+    # upcycling (He et al. 2024, "Upcycling LLMs into MoE": weight scaling) and grown models set it
+    # so the upcycled layer equals the dense FFN at step 0.
+    routed_scale: float = 1.0
     # dispatch
     dispatch: str = "auto"  # auto | loop | sorted | grouped | capacity
     capacity_factor: float | None = None  # None = dropless

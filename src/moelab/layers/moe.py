@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moelab.errors import MoelabError, check_choice
+from moelab.errors import MoelabError, check_choice, check_range
 from moelab.layers.balancing import balance_losses
 from moelab.layers.config import MoEConfig
 from moelab.layers.dispatch import DISPATCHERS, DROP_POLICIES, apply_capacity, expert_capacity, pick_dispatcher
@@ -99,6 +99,7 @@ class MoELayer(nn.Module):
             expert_capacity(cfg.capacity_factor, 1, 1)  # raises for <= 0
         elif cfg.dispatch == "capacity":
             raise MoelabError("dispatch='capacity' needs capacity_factor > 0; got capacity_factor=None")
+        check_range("routed_scale", cfg.routed_scale, low=0.0, low_inclusive=False)
         self.cfg = cfg
         self.router = build_router(cfg)
         if experts is None:
@@ -168,6 +169,8 @@ class MoELayer(nn.Module):
         else:
             routing = self.route(x_TD, ctx)
             y_TD = self.dispatch(x_TD, routing)
+        if self.cfg.routed_scale != 1.0:
+            y_TD = y_TD * self.cfg.routed_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         aux = self.balance(routing, ctx)

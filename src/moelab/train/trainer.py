@@ -325,7 +325,9 @@ def _init_model(cfg: RunConfig, init: Any, run_dir: Path) -> torch.nn.Module:
     except RuntimeError as e:
         raise MoelabError(f"train.init_from={str(init.run_dir)!r}: its weights do not fit this model config "
                           f"(keep the model/moe settings of that run): {str(e).splitlines()[0]}") from None
+    _write(run_dir / "init_from.json", {"run": str(init.run_dir), "step": int(init.step)})
     return model
+
 
 
 # --------------------------------------------------------------------------- the loop
@@ -333,7 +335,8 @@ def _init_model(cfg: RunConfig, init: Any, run_dir: Path) -> torch.nn.Module:
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: str = "auto", until_step: int | None = None,
-          init_hook: Callable[[torch.nn.Module], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+          init_hook: Callable[[torch.nn.Module], dict[str, Any] | None] | None = None,
+          init_from: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (layout: docs/INTERFACES.md, "run directory"); return the summary.
 
     ``resume`` continues from the newest checkpoint (its config is ``cfg``: pass the saved one, with
@@ -341,9 +344,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     "log" or "off". ``until_step`` stops early (with a checkpoint) after that step, the schedule
     still following ``train.steps`` (for time-sliced jobs and tests). ``init_hook(model)`` runs once
     on the freshly initialised model of a run that starts at step 0 (sweeps use it for common random
-    numbers, :mod:`moelab.sweep.crn`); what it returns is logged.
+    numbers, :mod:`moelab.sweep.crn`); what it returns is logged. ``init_from`` (a run directory; same
+    as ``train.init_from``) starts from that run's newest weights with a fresh optimizer and schedule
+    (a continued run, as OLMoE advises for upcycled models); ``cfg.model`` must describe those weights.
     """
     run_dir = Path(run_dir)
+    if init_from is not None:
+        cfg.train.init_from = str(init_from)
     cfg.validate()
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tcfg = cfg.train
