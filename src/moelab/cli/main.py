@@ -11,7 +11,7 @@ from moelab import __version__
 from moelab.errors import MoelabError
 
 # One entry per module of moelab.cli that adds subcommands (each owns its own file).
-COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep"]
+COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep", "prune", "merge", "skip", "compress_compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:
