@@ -8,38 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).parent))
 from train_micro import micro_config  # noqa: E402
 
 from moelab.layers.config import MoEConfig  # noqa: E402
-from moelab.layers.moe import MoELayer  # noqa: E402
 from moelab.models.config import ModelConfig  # noqa: E402
 from moelab.models.transformer import MoETransformer  # noqa: E402
 from moelab.ops.calibrate import CalibrationWindows  # noqa: E402
-
-
-class Stack(nn.Module):
-    """Not a MoETransformer: embedding -> MoE layers (residual) -> head; found by scanning the tree."""
-
-    def __init__(self, layers: list[nn.Module], vocab: int = 32) -> None:
-        super().__init__()
-        d = layers[0].cfg.d_model
-        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
-        self.blocks = nn.ModuleList(layers)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for b in self.blocks:
-            h = h + b(h)
-        return type("Out", (), {"logits": self.head(h)})()
-
-
-def moe_cfg(**kw) -> MoEConfig:
-    base = dict(d_model=16, d_ff=8, num_experts=8, k=2, dispatch="loop")
-    base.update(kw)
-    return MoEConfig(**base)
 
 
 @pytest.fixture
