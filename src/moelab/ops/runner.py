@@ -88,9 +88,11 @@ def run_op(src: str | Path, out: str | Path, family: str, method: str, keep: flo
            ccfg: CalibrationConfig, *, extra: dict[str, Any] | None = None, overwrite: bool = False,
            step: int | None = None, calib_file: str | None = None) -> dict[str, Any]:
     """Load, calibrate, operate, save ``out``; returns the manifest written to ops_manifest.json."""
-    if method_family(method) != family:
-        reg = {"prune": PRUNE_CRITERIA, "merge": MERGE_METHODS, "skip": SKIP_METHODS}[family]
+    reg = {"prune": PRUNE_CRITERIA, "merge": MERGE_METHODS, "skip": SKIP_METHODS}[family]
+    if canonical(method) not in reg:
         raise MoelabError(f"method={method!r} is not a {family} method; choose one of: {', '.join(reg.names())}")
+    if Path(out).resolve() == Path(src).resolve():
+        raise MoelabError(f"out={str(out)!r} is the source run; choose another directory")
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise MoelabError(f"out={str(out)!r} already exists and is not empty; pass --overwrite to replace it")
     ctx = open_run(src, ccfg, step=step, calib_file=calib_file)

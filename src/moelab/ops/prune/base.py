@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from moelab.errors import MoelabError, check_choice, check_range
+from moelab.errors import MoelabError, check_choice
 from moelab.models.moe_protocol import require_moe
 from moelab.ops.apply import check_k, pruned_layer, replace_layers
 from moelab.ops.calibrate import LayerStats
@@ -49,12 +49,12 @@ class PruneConfig:
 
 
 def check_keep(keep: float | int) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise MoelabError(f"keep={keep!r} must be a fraction in (0, 1] or an expert count >= 1")
-    if isinstance(keep, float):
-        check_range("keep", keep, low=0.0, high=1.0, low_inclusive=False)
-    else:
-        check_range("keep", keep, low=1)
+    """``keep`` must be a fraction in (0, 1] (a float) or an expert count >= 1 (an int)."""
+    ok = not isinstance(keep, bool) and (
+        (isinstance(keep, float) and 0.0 < keep <= 1.0) or (isinstance(keep, int) and keep >= 1))
+    if not ok:
+        raise MoelabError(f"keep={keep!r} is not valid; choose a fraction in (0, 1] (e.g. 0.5) or an expert "
+                          "count >= 1 (e.g. 4)")
 
 
 def n_keep(keep: float | int, E: int, block: int) -> int:
