@@ -26,7 +26,7 @@ def test_help(verb, needle, capsys):
     (["prune", "{run}", "--keep", "12", "--out", "{out}"], "keep=12 is out of range"),
     (["prune", "{run}", "--keep", "lots", "--out", "{out}"], "--keep='lots' is not valid"),
     (["prune", "{run}", "--method", "magic", "--out", "{out}"], "method='magic' is not a prune method; choose one of: ean"),
-    (["merge", "{run}", "--method", "reap", "--out", "{out}"], "is not a merge method; choose one of: hc_smoe"),
+    (["merge", "{run}", "--method", "reap", "--out", "{out}"], "is not a merge method; choose one of: dern, hc_smoe"),
     (["prune", "{run}", "--keep", "1", "--out", "{out}"], "fewer than its k=2"),
     (["prune", "{run}", "--out", "{out}", "--calib-tokens", "100000000"], "choose fewer calibration tokens"),
     (["prune", "{run}", "--out", "{run}", "--overwrite"], "is the source run"),

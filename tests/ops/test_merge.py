@@ -120,9 +120,62 @@ def test_merged_model_saves_through_layer_overrides(toy_model, windows):
 
 def test_merge_errors(toy_model, windows):
     st = calibrate(toy_model, windows, CalibrationConfig(progress=False, sample_tokens=16))
-    with pytest.raises(MoelabError, match="choose one of: 'hc_smoe', 'm_smoe', 'sub_moe'"):
+    with pytest.raises(MoelabError, match="choose one of: 'dern', 'hc_smoe', 'm_smoe', 'mc_smoe', 'sub_moe'"):
         merge_model(copy.deepcopy(toy_model), st, MergeConfig(method="ties"))
     with pytest.raises(MoelabError, match="fewer than its k=2"):
         merge_model(copy.deepcopy(toy_model), st, MergeConfig(method="hc_smoe", keep=1))
     with pytest.raises(MoelabError, match="rank"):
         merge_model(copy.deepcopy(toy_model), st, MergeConfig(method="sub_moe", keep=0.5, options={"rank": 0}))
+
+
+def test_dern_recombines_dropped_neurons_into_their_most_similar_neuron():
+    from moelab.ops.merge.dern import recombine
+
+    torch.manual_seed(0)
+    layer = MoELayer(moe_cfg(num_experts=2))
+    with torch.no_grad():  # expert 1 = expert 0 with neurons permuted: each segment lands on its twin
+        perm = torch.randperm(8)
+        ex = layer.experts
+        ex.w_gate_EFD[1], ex.w_up_EFD[1], ex.w_down_EDF[1] = ex.w_gate_EFD[0][perm], ex.w_up_EFD[0][perm], ex.w_down_EDF[0][:, perm]
+    w = expert_weights(layer)
+    out, absorbed = recombine(w, [0], np.array([3.0, 1.0]))
+    assert absorbed == {0: 8}
+    for name in w:
+        torch.testing.assert_close(out[name][0], w[name][0], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # a dissimilar dropped expert moves the retained weights, by the 3:1 gate mass
+        ex.w_up_EFD[1] = -ex.w_up_EFD[1]
+    out, _ = recombine(expert_weights(layer), [0], np.array([3.0, 1.0]))
+    assert not torch.allclose(out["w_up_EFD"][0], w["w_up_EFD"][0])
+
+
+def test_dern_model_drops_router_rows(toy_model, windows):
+    st = calibrate(toy_model, windows, CalibrationConfig(progress=False, sample_tokens=16))
+    m = copy.deepcopy(toy_model)
+    man = merge_model(m, st, MergeConfig(method="dern", keep=0.5))
+    from moelab.models.moe_protocol import moe_layers
+
+    assert all(s.layer.cfg.num_experts == 4 and s.layer.cfg.router == "softmax_topk" for s in moe_layers(m))
+    assert len(man["layers"]["0"]["kept"]) == 4
+    assert m(windows.ids_NL).logits.isfinite().all()
+
+
+def test_low_rank_plus_sparse_by_hand():
+    from moelab.ops.merge.mc_smoe import low_rank_plus_sparse
+
+    w = torch.diag(torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64))
+    approx, stored = low_rank_plus_sparse(w, 1, 0.0)      # rank 1 keeps the 5
+    torch.testing.assert_close(approx, torch.diag(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)))
+    assert stored == 1 * (3 + 3)
+    approx, stored = low_rank_plus_sparse(w, 1, 2 / 9)    # + the two largest residual entries (3 and 1)
+    torch.testing.assert_close(approx, w)
+    assert stored == 6 + 2
+
+
+def test_mc_smoe_records_the_factored_size(toy_model, windows):
+    st = calibrate(toy_model, windows, CalibrationConfig(progress=False, sample_tokens=16))
+    m = copy.deepcopy(toy_model)
+    man = merge_model(m, st, MergeConfig(method="mc_smoe", keep=0.5, options={"rank": 4, "sparse": 0.05}))
+    stored = man["layers"]["0"]["stored_expert_params"]
+    F, D = 16, 32
+    assert stored == 4 * 3 * (4 * (F + D) + round(0.05 * F * D))  # 4 experts x 3 matrices
+    assert m(windows.ids_NL).logits.isfinite().all()

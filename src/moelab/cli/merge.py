@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from moelab.ops.merge import MERGE_METHODS
 
     meth = "\n".join(f"  {e.name:<9} {e.description} ({e.paper})" for e in MERGE_METHODS.entries())
-    p = sub.add_parser("merge", help="merge experts of a trained run (hc_smoe, m_smoe, sub_moe)",
+    p = sub.add_parser("merge", help="merge experts of a trained run (hc_smoe, m_smoe, mc_smoe, sub_moe, dern)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Merge each layer's experts into fewer; the original router routes every member "
                                    "of a group to its merged expert. The result is an ordinary run directory.",

@@ -23,7 +23,7 @@ from moelab.ops.apply import expert_counts, param_counts
 from moelab.ops.calibrate import CalibrationConfig, calibrate
 from moelab.ops.runner import apply_op, canonical, method_family, open_run
 
-DEFAULT_METHODS = "frequency,soft_count,ean,reap,easy_ep,tcess,m_smoe,hc_smoe,sub_moe,threshold,modes"
+DEFAULT_METHODS = "frequency,soft_count,ean,reap,easy_ep,tcess,m_smoe,mc_smoe,hc_smoe,sub_moe,dern,threshold,modes"
 
 
 def _evaluate(model, ctx, max_batches: int | None, batch_size: int) -> dict[str, Any]:
@@ -40,10 +40,29 @@ def _row(method: str, family: str, keep, model, ev: dict, manifest: dict | None,
     if manifest and "experts_per_token" in manifest:
         ept = {int(k): v for k, v in manifest["experts_per_token"].items()}
     counts = expert_counts(model)
+    params = param_counts(model, ept)
+    saved = _factored_saving(model, manifest)
+    params = {"total": params["total"] - saved[0], "active": params["active"] - saved[1]}
     return {"method": method, "family": family, "keep": keep, "experts": sum(counts.values()) / len(counts),
-            **param_counts(model, ept), "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+            **params, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
             "per_domain": {d: v["ppl"] for d, v in ev["per_domain"].items()},
             "skip_rate": None if manifest is None else manifest.get("realised_rate"), "seconds": seconds}
+
+
+def _factored_saving(model, manifest: dict | None) -> tuple[int, int]:
+    """(total, active) parameters saved by storing experts factored (MC-SMoE's ``stored_expert_params``)."""
+    from moelab.models.moe_protocol import moe_layers
+
+    if not manifest:
+        return 0, 0
+    total = active = 0.0
+    for site in moe_layers(model):
+        info = manifest.get("layers", {}).get(str(site.index), {})
+        if "stored_expert_params" in info:
+            dense = sum(p.numel() for p in site.layer.experts.parameters())
+            total += dense - info["stored_expert_params"]
+            active += (dense - info["stored_expert_params"]) * site.layer.cfg.k / site.layer.cfg.num_experts
+    return int(total), int(round(active))
 
 
 def compress_compare(run_dir: str | Path, methods: list[str], keeps: list[float], out_dir: str | Path, *,

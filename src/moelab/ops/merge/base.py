@@ -1,9 +1,10 @@
 """Expert merging: the method registry, shared pieces (neuron alignment, weighted averaging) and the
 surgery.
 
-A method is ``fn(layer, stats, n_out, **opts) -> (expert_map, weights)``: ``expert_map[e]`` is the
+A method is ``fn(layer, stats, n_out, **opts) -> (expert_map, weights[, info])``: ``expert_map[e]`` is the
 merged expert that original expert e becomes (values 0..n_out-1) and ``weights`` the merged experts'
-stacked weights (``w_up_EFD``, ``w_down_EDF``, ``w_gate_EFD``). :func:`merge_model` installs them
+stacked weights (``w_up_EFD``, ``w_down_EDF``, ``w_gate_EFD``); ``info`` (optional) goes into the layer's manifest entry (MC-SMoE:
+``stored_expert_params``, the size of its factored experts). :func:`merge_model` installs them
 with :func:`moelab.ops.apply.merged_layer`: the original router is kept and every member of a group
 routes to its merged expert (the official MC-SMoE / HC-SMoE code shares one merged module among the
 group's slots).
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError, check_choice
 from moelab.models.moe_protocol import require_moe
-from moelab.ops.apply import expert_weights, merged_layer, replace_layers
+from moelab.ops.apply import expert_weights, merged_layer, pruned_layer, replace_layers
 from moelab.ops.calibrate import LayerStats
 from moelab.ops.prune.base import check_keep, n_keep
 from moelab.registry import Registry
@@ -115,12 +116,23 @@ def merge_model(model: nn.Module, stats: dict[int, LayerStats], cfg: MergeConfig
         if n_out == E:
             manifest[str(site.index)] = {"groups": [[e] for e in range(E)]}
             continue
-        emap, weights = fn(site.layer, stats[site.index], n_out, **(cfg.options or {}))
+        emap, weights, *info = fn(site.layer, stats[site.index], n_out, **(cfg.options or {}))
+        if getattr(fn, "drops_experts", False):  # DERN: emap is the kept list; router rows removed
+            new[site.index] = _with_weights(pruned_layer(site.layer, emap, block=site.index), weights)
+            manifest[str(site.index)] = {"kept": emap, "removed": sorted(set(range(E)) - set(emap))}
+            continue
         new[site.index] = merged_layer(site.layer, emap, weights)
-        manifest[str(site.index)] = {"groups": groups_of(emap), "expert_map": emap}
+        manifest[str(site.index)] = {"groups": groups_of(emap), "expert_map": emap, **(info[0] if info else {})}
     replace_layers(model, new)
     return {"op": "merge", "method": cfg.method, "paper": MERGE_METHODS.entry(cfg.method).paper,
             "keep": cfg.keep, "options": cfg.options or {}, "layers": manifest}
+
+
+def _with_weights(layer: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for name, w in weights.items():
+            getattr(layer.experts, name).copy_(w)
+    return layer
 
 
 def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
