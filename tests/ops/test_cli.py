@@ -89,3 +89,10 @@ def test_compress_compare_writes_table_and_report(micro_run, tmp_path, capsys):
     assert all(r["active"] < res["rows"][0]["active"] and r["total"] == res["rows"][0]["total"] for r in skipped)
     html = (out / "compare.html").read_text()
     assert "data:image/png;base64," in html and "<table" in html
+
+
+def test_analyze_and_report_work_on_a_merged_run(micro_run, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(micro_run), "--method", "m-smoe", "--out", str(out)] + CAL) == 0
+    assert main(["analyze", str(out), "--max-traces", "1"]) == 0
+    assert (out / "analysis" / "analysis.json").is_file()
