@@ -43,8 +43,12 @@ def _row(method: str, family: str, keep, model, ev: dict, manifest: dict | None,
     params = param_counts(model, ept)
     saved = _factored_saving(model, manifest)
     params = {"total": params["total"] - saved[0], "active": params["active"] - saved[1]}
+    from moelab.models.moe_protocol import moe_layers
+
+    k = {s.index: float(s.layer.cfg.k) for s in moe_layers(model)}
+    ept = ept or k
     return {"method": method, "family": family, "keep": keep, "experts": sum(counts.values()) / len(counts),
-            **params, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+            "experts_per_token": sum(ept.values()) / len(ept), **params, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
             "per_domain": {d: v["ppl"] for d, v in ev["per_domain"].items()},
             "skip_rate": None if manifest is None else manifest.get("realised_rate"), "seconds": seconds}
 
@@ -110,7 +114,7 @@ def _bar(items, enabled: bool):
 def markdown_table(result: dict[str, Any]) -> str:
     rows, doms = result["rows"], result["domains"]
     base = rows[0]
-    head = ["method", "family", "keep", "experts/layer", "params", "active", "val ppl", "Δ ppl %",
+    head = ["method", "family", "keep", "experts/layer", "experts/token", "params", "active", "val ppl", "Δ ppl %",
             *[f"ppl {d}" for d in doms], "skip rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -119,7 +123,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             continue
         d = 100.0 * (r["val_ppl"] / base["val_ppl"] - 1.0)
         sr = "" if r.get("skip_rate") is None else f"{r['skip_rate']:.3f}"
-        cells = [r["method"], r["family"], f"{r['keep']:g}", f"{r['experts']:.2f}", f"{r['total']:,}",
+        cells = [r["method"], r["family"], f"{r['keep']:g}", f"{r['experts']:.2f}", f"{r['experts_per_token']:.2f}",
+                 f"{r['total']:,}",
                  f"{r['active']:,}", f"{r['val_ppl']:.2f}", f"{d:+.1f}",
                  *[f"{r['per_domain'].get(x, float('nan')):.2f}" for x in doms], sr]
         lines.append("| " + " | ".join(cells) + " |")
