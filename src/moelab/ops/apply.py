@@ -56,7 +56,8 @@ def pruned_layer(layer: nn.Module, keep: list[int], *, block: int = 0, cap_k: bo
     """``layer`` with only the experts ``keep`` (in that order); see the module docstring."""
     E = layer.cfg.num_experts
     if getattr(layer.router, "expert_map_B", None) is not None:
-        raise MoelabError(f"block {block} has merged experts (router 'wrapped' with an expert_map); prune before merging")
+        raise MoelabError(f"block {block} has merged experts (router 'wrapped' with an expert_map); "
+                          "prune before merging")
     keep_K = torch.as_tensor(sorted(set(int(i) for i in keep)), dtype=torch.long)
     if keep_K.numel() == 0 or keep_K.min() < 0 or keep_K.max() >= E:
         raise MoelabError(f"keep={list(keep)!r} must name experts in [0, {E}) of block {block}")
@@ -149,7 +150,8 @@ def save_run(src_run_dir: str | Path, model: nn.Module, run_cfg, step: int, out_
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MoelabError(f"out={str(out)!r} already exists and is not empty; pass --overwrite to replace it")
     src_state = json.loads((ckpt.find_checkpoint(src / CKPT_DIR, step) / "state.json").read_text())
-    cfg = replace(run_cfg, model=replace(run_cfg.model, layer_overrides=layer_overrides(model, run_cfg.model.layer_moe_config())))
+    overrides = layer_overrides(model, run_cfg.model.layer_moe_config())
+    cfg = replace(run_cfg, model=replace(run_cfg.model, layer_overrides=overrides))
     cfg.validate()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

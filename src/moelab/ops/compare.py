@@ -48,7 +48,8 @@ def _row(method: str, family: str, keep, model, ev: dict, manifest: dict | None,
     k = {s.index: float(s.layer.cfg.k) for s in moe_layers(model)}
     ept = ept or k
     return {"method": method, "family": family, "keep": keep, "experts": sum(counts.values()) / len(counts),
-            "experts_per_token": sum(ept.values()) / len(ept), **params, "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
+            "experts_per_token": sum(ept.values()) / len(ept), **params,
+            "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"],
             "per_domain": {d: v["ppl"] for d, v in ev["per_domain"].items()},
             "skip_rate": None if manifest is None else manifest.get("realised_rate"), "seconds": seconds}
 

@@ -3,11 +3,12 @@ surgery.
 
 A method is ``fn(layer, stats, n_out, **opts) -> (expert_map, weights[, info])``: ``expert_map[e]`` is the
 merged expert that original expert e becomes (values 0..n_out-1) and ``weights`` the merged experts'
-stacked weights (``w_up_EFD``, ``w_down_EDF``, ``w_gate_EFD``); ``info`` (optional) goes into the layer's manifest entry (MC-SMoE:
-``stored_expert_params``, the size of its factored experts). :func:`merge_model` installs them
-with :func:`moelab.ops.apply.merged_layer`: the original router is kept and every member of a group
-routes to its merged expert (the official MC-SMoE / HC-SMoE code shares one merged module among the
-group's slots).
+stacked weights (``w_up_EFD``, ``w_down_EDF``, ``w_gate_EFD``); ``info`` (optional) goes into the
+layer's manifest entry (MC-SMoE: ``stored_expert_params``, the size of its factored experts).
+:func:`merge_model` installs them with :func:`moelab.ops.apply.merged_layer`: the original router is
+kept and every member of a group routes to its merged expert (the official MC-SMoE / HC-SMoE code
+shares one merged module among the group's slots). DERN (``drops_experts``) returns the kept experts
+instead of a map, and its layers lose the dropped router rows as in pruning.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def group_by_dominant(count_E: np.ndarray, sim_EE: np.ndarray, n_out: int) -> li
     return emap
 
 
-def merge_aligned(w: dict[str, Tensor], groups: list[list[int]], dominant: list[int], freq_E: np.ndarray) -> dict[str, Tensor]:
+def merge_aligned(w: dict[str, Tensor], groups: list[list[int]], dominant: list[int],
+                  freq_E: np.ndarray) -> dict[str, Tensor]:
     merged = []
     for d, members in zip(dominant, groups):
         aligned = [one_expert(w, d) if e == d else permute_expert(w, e, align_permutation(w, d, e)) for e in members]

@@ -98,7 +98,8 @@ def _global_plan(scores: dict[int, np.ndarray], totals: dict[int, int], floors: 
     return {b: sorted(v) for b, v in keep.items()}
 
 
-def score_layers(stats: dict[int, LayerStats], cfg: PruneConfig, domains: list[str] | None = None) -> dict[int, np.ndarray]:
+def score_layers(stats: dict[int, LayerStats], cfg: PruneConfig,
+                 domains: list[str] | None = None) -> dict[int, np.ndarray]:
     """Each layer's criterion scores, super experts set to +inf when guarded."""
     opts: dict[str, Any] = {}
     if cfg.task is not None:
