@@ -96,3 +96,11 @@ def test_analyze_and_report_work_on_a_merged_run(micro_run, tmp_path):
     assert main(["merge", str(micro_run), "--method", "m-smoe", "--out", str(out)] + CAL) == 0
     assert main(["analyze", str(out), "--max-traces", "1"]) == 0
     assert (out / "analysis" / "analysis.json").is_file()
+
+
+def test_recovery_fine_tuning_of_a_pruned_run_through_train_resume(micro_run, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(micro_run), "--method", "reap", "--keep", "0.5", "--out", str(out)] + CAL) == 0
+    assert main(["train", "--run-dir", str(out), "--resume", "--train.steps", "8", "--progress", "off"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["params_total"] < 66304
