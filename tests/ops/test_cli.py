@@ -35,6 +35,7 @@ def test_help(verb, needle, capsys):
     (["compress-compare", "{run}", "--methods", "nope", "--out", "{out}"], "method='nope' is not valid"),
     (["compress-compare", "{run}", "--keep", "2", "--out", "{out}"], "keep=2.0"),
     (["prune", "{missing}", "--out", "{out}"], "is not a run directory"),
+    (["prune", "{run}", "--out", "{out}", "--calib-domain", "gamma"], "calibration.domain='gamma' is not valid"),
 ])
 def test_bad_input_table(micro_run, tmp_path, capsys, argv, message):
     fill = {"run": str(micro_run), "out": str(tmp_path / "out"), "missing": str(tmp_path / "nope")}
@@ -54,7 +55,7 @@ def test_existing_output_needs_overwrite(micro_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["prune", "--method", "easy-ep", "--keep", "0.5", "--guard-super-experts"],
+    ["prune", "--method", "easy-ep", "--keep", "0.5", "--guard-super-experts", "--calib-domain", "alpha"],
     ["prune", "--method", "tcess", "--keep", "4", "--task", "beta", "--scope", "global"],
     ["merge", "--method", "hc-smoe", "--keep", "0.5"],
     ["merge", "--method", "sub-moe", "--keep", "0.5", "--options", '{"rank": 4}'],
@@ -65,6 +66,8 @@ def test_operated_run_works_with_eval_and_generate(micro_run, tmp_path, capsys, 
     assert main([argv[0], str(micro_run), "--out", str(out)] + argv[1:] + CAL) == 0
     manifest = json.loads((out / "ops_manifest.json").read_text())
     assert manifest["op"] == argv[0] and manifest["calibration"]["tokens_used"] >= 256
+    if "--calib-domain" in argv:
+        assert manifest["calibration"]["domains"] == ["alpha"]
     capsys.readouterr()
     assert main(["eval", str(out), "--max-batches", "1", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)

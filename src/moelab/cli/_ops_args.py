@@ -19,6 +19,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (default: a seeded, domain-balanced sample of the run's training split)")
     g.add_argument("--calib-tokens", type=int, default=16384, help="tokens in the calibration sample (default 16384)")
     g.add_argument("--calib-split", default="train", help="split of the run's corpus to sample (train, val, test)")
+    g.add_argument("--calib-domain", default=None, help="sample only this domain (domain-specific pruning, EASY-EP)")
     g.add_argument("--calib-file", default=None, help="calibrate on this text file instead (e.g. a target-domain sample)")
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the sample")
     g.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward")
@@ -30,7 +31,7 @@ def calibration_config(args: argparse.Namespace):
     from moelab.ops.calibrate import CalibrationConfig
 
     return CalibrationConfig(tokens=args.calib_tokens, split=args.calib_split, seed=args.calib_seed,
-                             batch_size=args.calib_batch_size, sample_tokens=args.sample_tokens,
+                             batch_size=args.calib_batch_size, sample_tokens=args.sample_tokens, domain=args.calib_domain,
                              progress=not args.no_progress).validate()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moelab.errors import MoelabError, check_range
+from moelab.errors import MoelabError, check_choice, check_range
 from moelab.layers.experts import expert_forward
 from moelab.models.moe_protocol import MoESite, calibration_hooks, require_moe
 
@@ -31,7 +31,8 @@ from moelab.models.moe_protocol import MoESite, calibration_hooks, require_moe
 class CalibrationConfig:
     """``tokens`` in the sample (split evenly over domains), windows of ``seq_len`` (None: the run's),
     ``batch_size`` windows per forward, ``seed``, ``split`` of the run's corpus, ``sample_tokens`` kept
-    for merging, ``tcess_threshold`` r of PreMoe's TCESS (None: 1/E, 'above uniform'; our choice)."""
+    for merging, ``tcess_threshold`` r of PreMoe's TCESS (None: 1/E, 'above uniform'; our choice),
+    ``domain``: sample only this domain (EASY-EP's domain-specific calibration; None: all, balanced)."""
 
     tokens: int = 16384
     seq_len: int | None = None
@@ -40,6 +41,7 @@ class CalibrationConfig:
     split: str = "train"
     sample_tokens: int = 512
     tcess_threshold: float | None = None
+    domain: str | None = None
     progress: bool = True
 
     def validate(self) -> "CalibrationConfig":
@@ -139,8 +141,12 @@ def calibration_windows(run_cfg, prepared, cfg: CalibrationConfig) -> Calibratio
     if cfg.split not in prepared.tokens:
         raise MoelabError(f"calibration.split={cfg.split!r} is not valid; choose one of: {sorted(prepared.tokens)}")
     L = cfg.seq_len or run_cfg.data.seq_len
+    domains = list(prepared.splits.domains)
+    if cfg.domain is not None:
+        check_choice("calibration.domain", cfg.domain, domains)
+        domains = [cfg.domain]
     return domain_balanced_windows(prepared.tokens[cfg.split], prepared.tokenizer.eos_id, L, cfg.tokens,
-                                   cfg.seed, list(prepared.splits.domains))
+                                   cfg.seed, domains)
 
 
 def text_windows(texts: list[str], tokenizer, seq_len: int, tokens: int) -> CalibrationWindows:

@@ -140,12 +140,17 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
 
     rows = [r for r in result["rows"] if "error" not in r]
     base = rows[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    methods = sorted({r["method"] for r in rows[1:]})
+    colors = plt.get_cmap("tab20")(range(len(methods)))
+    styles = {"prune": "-", "merge": "--", "skip": ":"}
     for ax, key, label in ((axes[0], "total", "parameters (fraction of unmodified)"),
-                           (axes[1], "active", "active parameters per token (fraction)")):
-        for m in sorted({r["method"] for r in rows[1:]}):
-            pts = sorted((r[key] / base[key], r["val_ppl"]) for r in rows[1:] if r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                           (axes[1], "keep", "budget: fraction of experts (skip: of expert computations) kept")):
+        for m, c in zip(methods, colors):
+            mine = [r for r in rows[1:] if r["method"] == m]
+            pts = sorted(((r[key] / base[key] if key == "total" else r["keep"]), r["val_ppl"]) for r in mine)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=c, ls=styles.get(mine[0]["family"], "-"),
+                    label=f"{m} ({mine[0]['family']})")
         ax.axhline(base["val_ppl"], color="k", ls="--", lw=1, label="unmodified")
         ax.set_xlabel(label)
         ax.set_ylabel("validation perplexity")

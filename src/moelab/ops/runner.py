@@ -55,6 +55,9 @@ def open_run(run_dir: str | Path, ccfg: CalibrationConfig, *, step: int | None =
     ccfg.validate()
     loaded = load_run(run_dir, step)
     require_moe(loaded.model, "this operation")
+    if not loaded.config.model.layout.is_vanilla():
+        raise MoelabError(f"model.layout.kind={loaded.config.model.layout.kind!r}: operations on experts need the "
+                          "vanilla per-layer layout (per-layer expert counts persist through layer_overrides)")
     prepared = prepare_data(loaded.config.data)
     if calib_file is not None:
         p = Path(calib_file)
