@@ -50,7 +50,7 @@ def _cmd_compare(args) -> int:
     from moelab.route.evaluate import compare, format_table, write_report
     from moelab.route.features import default_cache_dir
 
-    ds = load_dataset(args.data, max_prompts=args.max_prompts)
+    ds = load_dataset(args.data, max_prompts=args.max_prompts, allow_pickle=args.allow_pickle)
     if args.models:
         ds = ds.select_models(args.models.split(","))
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
@@ -70,7 +70,7 @@ def _cmd_fit(args) -> int:
     from moelab.route.data import load_dataset
     from moelab.route.features import TfidfSvdFeaturizer, default_cache_dir
 
-    ds = load_dataset(args.data, max_prompts=args.max_prompts)
+    ds = load_dataset(args.data, max_prompts=args.max_prompts, allow_pickle=args.allow_pickle)
     if args.models:
         ds = ds.select_models(args.models.split(","))
     r = build_router(args.router, **_parse_options(args.option).get(args.router, {}))
@@ -111,12 +111,17 @@ def register(subparsers) -> None:
     s.set_defaults(func=_cmd_routers)
 
     def data_args(s):
-        s.add_argument("--data", required=True, help="routellm-mmlu, routellm-gsm8k, routerarena, or a file path")
+        s.add_argument("--data", required=True,
+                       help="routellm-mmlu, routellm-gsm8k, routerarena, a file, a folder, or comma-separated "
+                            "files (RouterBench schema or long format; CSV, JSONL, Parquet)")
         s.add_argument("--models", help="comma-separated subset of the dataset's models")
         s.add_argument("--max-prompts", type=int, help="deterministic subset of this many prompts")
         s.add_argument("--feature-dim", type=int, default=128)
         s.add_argument("--option", action="append", help="ROUTER.key=value router option (repeatable)")
         s.add_argument("--no-cache", action="store_true", help="do not cache prompt features")
+        s.add_argument("--allow-pickle", action="store_true",
+                       help="allow reading a pandas pickle as data (unpickling runs any code in the file: "
+                            "trusted files only; CSV/Parquet/JSONL need no flag)")
 
     s = sub.add_parser("compare", help="fit routers, sweep cost–quality curves, print/write a report")
     data_args(s)

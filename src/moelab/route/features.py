@@ -91,7 +91,7 @@ class Featurizer:
                 np.save(path, _MEM_CACHE[key])
             return _MEM_CACHE[key]
         if path is not None and path.exists():
-            x_PD = np.load(path)
+            x_PD = np.load(path, allow_pickle=False)
         else:
             with threads():
                 x_PD = self._transform(texts).astype(np.float32)
