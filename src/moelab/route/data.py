@@ -550,7 +550,9 @@ def load_long(path: str | Path, name: str | None = None) -> RoutingDataset:
     _, recs = _read_table(path)
     for need in ("prompt_id", "model", "score", "cost"):
         if recs and need not in recs[0]:
-            raise MoelabError(f"{path}: column {need!r} is missing; long format needs prompt_id, model, score, cost")
+            raise MoelabError(
+                f"{path}: column {need!r} is missing; the long format needs prompt_id, model, score, cost, and "
+                f"the RouterBench schema needs '<model>|total_cost' columns; found columns {list(recs[0])[:12]}")
     pids: list[str] = []
     models: list[str] = []
     info: dict[str, dict] = {}
