@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +39,22 @@ class threads:
     _controller = None
 
     def __enter__(self):
-        import torch
-
         if threads._controller is None:
             from threadpoolctl import ThreadpoolController
 
             threads._controller = ThreadpoolController()
-        self._torch = torch.get_num_threads()
-        if self._torch != self.n:
-            torch.set_num_threads(self.n)
+        # torch is touched only when something already imported it (numpy routers never do)
+        self._t = sys.modules.get("torch")
+        self._torch = self._t.get_num_threads() if self._t is not None else None
+        if self._t is not None and self._torch != self.n:
+            self._t.set_num_threads(self.n)
         self._lim = threads._controller.limit(limits=self.n)
         return self
 
     def __exit__(self, *exc):
-        import torch
-
         self._lim.restore_original_limits()
-        if torch.get_num_threads() != self._torch:
-            torch.set_num_threads(self._torch)
+        if self._t is not None and self._t.get_num_threads() != self._torch:
+            self._t.set_num_threads(self._torch)
 
 
 def _texts_key(texts: list[str]) -> str:
