@@ -27,14 +27,45 @@ def test_tfidf_state_round_trip_and_cache(tmp_path):
     np.testing.assert_allclose(h2._transform(TEXTS[:5]), h._transform(TEXTS[:5]), atol=1e-6)
 
 
-def test_fast_tfidf_matches_sklearn():
+def _sklearn_reference(f, texts):
+    """sklearn's own TfidfVectorizer with the featurizer's vocabularies and idf (the oracle)."""
     import scipy.sparse as sp
 
+    w, c = f._make_vecs(f.vocab_w, f.vocab_c)
+    w.fit(["x"]), c.fit(["x"])
+    w.idf_, c.idf_ = f.idf_w, f.idf_c
+    ref = sp.hstack([w.transform(texts), c.transform(texts)]).toarray() @ f.components_DV.T.astype(np.float64)
+    return ref / (np.linalg.norm(ref, axis=1, keepdims=True) + 1e-8)
+
+
+def test_fast_tfidf_matches_sklearn():
     f = TfidfSvdFeaturizer(dim=8).fit(TEXTS)
-    new = ["unseen words only zzz", "question about algebra algebra", TEXTS[3]]
-    ref = sp.hstack([v.transform(new) for v in f._vecs]).toarray() @ f.components_DV.T
-    ref /= np.linalg.norm(ref, axis=1, keepdims=True) + 1e-8
-    np.testing.assert_allclose(f._transform(new), ref, atol=1e-5)
+    new = ["unseen words only zzz", "question about algebra algebra", TEXTS[3], "a  b\tI\n x"]
+    np.testing.assert_allclose(f._transform(new), _sklearn_reference(f, new), atol=1e-5)
+    many = [f"{t} {i}" for i, t in enumerate(TEXTS)]  # > 32 texts: the sparse path
+    np.testing.assert_allclose(f._transform(many), _sklearn_reference(f, many), atol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["Hello, World! It's 2+2=4?", "a", "I am  ok\t\nyes", "Ünïcödé straße",
+                                  "ab abc abcd abcde", "x_y __init__ 3.14"])
+def test_analyzers_match_sklearn(text):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from moelab.route.features import char_wb_ngrams, word_ngrams
+
+    w = TfidfVectorizer(analyzer="word", ngram_range=(1, 2)).build_analyzer()
+    c = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4)).build_analyzer()
+    assert word_ngrams(text) == w(text)
+    assert sorted(char_wb_ngrams(text)) == sorted(c(text))
+
+
+def test_fingerprint_is_computed_once_per_fit():
+    f = TfidfSvdFeaturizer(dim=8).fit(TEXTS)
+    fp = f.fingerprint()
+    f.components_DV = f.components_DV * 2  # a stale cache would not notice a refit; a refit resets it
+    assert f.fingerprint() == fp
+    g = TfidfSvdFeaturizer(dim=8, seed=1).fit(TEXTS[::-1])
+    assert f.fit(TEXTS[:30]).fingerprint() != fp and g.fingerprint() != fp
 
 
 def test_empty_text_is_rejected():

@@ -37,3 +37,21 @@ def test_routing_with_numpy_routers_never_imports_torch():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "False"
+
+
+def test_mf_numpy_routing_equals_the_torch_model():
+    import torch
+
+    from moelab.route import build_router
+    from moelab.route.synthetic import topic_dataset
+
+    ds = topic_dataset(n=200, n_models=3, seed=0)
+    r = build_router("mf", epochs=2, dim=16).fit(ds)
+    x = r.features(["algebra question", "poetry please"])
+    with torch.no_grad():
+        d_ref = r.net(torch.from_numpy(x)).numpy()  # RouteLLM's MFModel forward (the oracle)
+    import numpy as np
+
+    np.testing.assert_allclose(r.delta(x), d_ref, rtol=1e-4, atol=1e-5)
+    p = r.win_prob(x)
+    np.testing.assert_allclose(p[:, 0, 1], 1 / (1 + np.exp(-(d_ref[:, 0] - d_ref[:, 1]))), rtol=1e-5)

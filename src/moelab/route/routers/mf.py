@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moelab.route.base import MODEL_ROUTERS, ModelRouter
-from moelab.route.routers._common import F, _load_torch, _pairs, _torch_state, _train, nets, torch
+from moelab.route.routers._common import F, _pairs, _torch_state, _train, nets, torch
 
 
 @MODEL_ROUTERS.register("mf", description="RouteLLM matrix factorisation trained on pairwise (BT) wins",
@@ -35,8 +35,6 @@ class MFRouter(ModelRouter):
         torch.manual_seed(self.cfg.seed)
         self.net = nets.MF(len(self.models), x_ND.shape[1], self.cfg.dim)
         n, a, b, y, w = (torch.from_numpy(z) for z in _pairs(train.scores_PM))
-        if len(n) == 0:
-            return  # every model scores the same on every prompt: nothing to learn
         x = torch.from_numpy(x_ND)
 
         def loss(i):
@@ -44,13 +42,25 @@ class MFRouter(ModelRouter):
             logit = d.gather(1, a[i, None]).squeeze(1) - d.gather(1, b[i, None]).squeeze(1)
             return (F.binary_cross_entropy_with_logits(logit, y[i], reduction="none") * w[i]).mean()
 
-        _train(self.net, loss, len(n), self.cfg.epochs, 256, self.cfg.lr, self.cfg.weight_decay, self.cfg.seed)
+        if len(n) > 0:  # else every model scores the same on every prompt: nothing to learn
+            _train(self.net, loss, len(n), self.cfg.epochs, 256, self.cfg.lr, self.cfg.weight_decay, self.cfg.seed)
+        self._set_weights(_torch_state("mf", self.net))
+
+    def _set_weights(self, w: dict) -> None:
+        """delta(m, x) = w2^T (normalize(v_m) * W1 x) is linear in x: delta_PM = x_PD @ A_DM with
+        A_DM = W1^T (normalize(v) * w2)^T, so routing is one numpy product (no torch)."""
+        self._w = {k: np.asarray(v, np.float32) for k, v in w.items()}
+        v_MH = self._w["mf.P.weight"]
+        v_MH = v_MH / np.maximum(np.linalg.norm(v_MH, axis=1, keepdims=True), 1e-12)  # F.normalize
+        self.A_DM = np.ascontiguousarray(self._w["mf.text_proj.weight"].T @ (v_MH * self._w["mf.classifier.weight"]).T)
+
+    def delta(self, x_PD) -> np.ndarray:
+        return np.asarray(x_PD, np.float32) @ self.A_DM
 
     def win_prob(self, x_PD) -> np.ndarray:
-        with torch.no_grad():
-            d_PM = self.net(torch.from_numpy(x_PD))
-            p_PMM = torch.sigmoid(d_PM[:, :, None] - d_PM[:, None, :])
-        return p_PMM.numpy().astype(np.float64)
+        """P(a beats b | x) = sigmoid(delta_a - delta_b), ``p_PMM``."""
+        d_PM = self.delta(x_PD).astype(np.float64)
+        return 1.0 / (1.0 + np.exp(-(d_PM[:, :, None] - d_PM[:, None, :])))
 
     def _estimate(self, x_PD, batch):
         M = len(self.models)
@@ -59,8 +69,7 @@ class MFRouter(ModelRouter):
         return q, self._mean_costs(len(x_PD))
 
     def _state(self):
-        return {"d_in": self.net.text_proj.in_features}, _torch_state("mf", self.net)
+        return {"d_in": int(self.A_DM.shape[0])}, dict(self._w)
 
     def _load_state(self, meta, t):
-        self.net = nets.MF(len(self.models), meta["d_in"], self.cfg.dim)
-        _load_torch("mf", self.net, t)
+        self._set_weights({k: v for k, v in t.items() if k.startswith("mf.")})
