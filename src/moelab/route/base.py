@@ -50,6 +50,7 @@ class ModelRouter:
     uses_truth = False  # oracle: reads the batch's true scores
     two_model = False  # RouteLLM-style strong/weak routers
     cascade = False  # cost also includes the cheap model's attempt when escalating
+    cv_grid: dict = {}  # option -> values tried by cross-validation (moelab.route.tuning)
     uses_torch = False  # imported before fitting, so ``threads`` limits its thread pool too
 
     def __init__(self, cfg: Any = None, **kw) -> None:

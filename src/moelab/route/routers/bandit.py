@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,13 @@ class BanditRouter(ModelRouter):
     depends strongly on mu; a global baseline drowned the action signal on RouteLLM MMLU and the
     policy collapsed to the cheap model), normalised advantages and an entropy bonus;
     mu ~ U[0, 1] per round so one policy serves every trade-off. ``regret_`` logs per-round regret (computed with
-    the hidden columns, for diagnostics only)."""
+    the hidden columns, for diagnostics only).
+
+    Rounds scale with the pool: with bandit feedback each round reveals one of M rewards, so a fixed
+    4 epochs left an 11-model pool under-explored and the policy collapsed onto one or two models
+    (RouterBench, 11 models: every prompt to Yi-34B, below the best single model at mu = 0).
+    ``epochs=0`` (the default) trains for ``max(4, ceil(rounds_per_model * M / N))`` epochs, i.e. at
+    least ``rounds_per_model`` revealed rewards per model."""
 
     name = "bandit"
     uses_torch = True
@@ -45,11 +52,17 @@ class BanditRouter(ModelRouter):
     @dataclass
     class Config:
         hidden: int = 64
-        epochs: int = 4
+        epochs: int = 0  # 0: max(4, ceil(rounds_per_model * M / N)) epochs
+        rounds_per_model: int = 1500
         batch: int = 32
         lr: float = 3e-3
         entropy: float = 0.01
         seed: int = 0
+
+    def n_epochs(self, n_train: int) -> int:
+        if self.cfg.epochs > 0:
+            return self.cfg.epochs
+        return max(4, math.ceil(self.cfg.rounds_per_model * len(self.models) / max(n_train, 1)))
 
     def _fit(self, train, x_ND):
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -63,7 +76,7 @@ class BanditRouter(ModelRouter):
         n_bins = 10
         baseline = torch.zeros(n_bins)  # running mean reward per mu-bin
         self.regret_ = []
-        for _ in range(self.cfg.epochs):
+        for _ in range(self.n_epochs(len(x))):
             perm = torch.randperm(len(x), generator=g)
             for st in range(0, len(x), self.cfg.batch):
                 i = perm[st:st + self.cfg.batch]

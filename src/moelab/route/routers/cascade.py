@@ -21,6 +21,7 @@ class CascadeRouter(_TwoModel):
     escalation fraction 1 - mu on the training prompts."""
 
     name = "cascade"
+    cv_grid = {"C": [0.1, 1.0, 10.0]}  # tuned by CV on the training split (route.tuning)
     cascade = True
 
     @dataclass

@@ -20,6 +20,7 @@ class CategoryRouter(ModelRouter):
     Categories unseen in training fall back to the global means."""
 
     name = "category"
+    cv_grid = {"min_count": [1, 10, 50]}  # tuned by CV on the training split (route.tuning)
 
     @dataclass
     class Config:

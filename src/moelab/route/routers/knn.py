@@ -19,6 +19,7 @@ class KNNRouter(ModelRouter):
     trade-off argmax. Features are L2-normalised, so cosine = dot product."""
 
     name = "knn"
+    cv_grid = {"k": [5, 10, 20, 50, 100, 200]}  # tuned by CV on the training split (route.tuning)
 
     @dataclass
     class Config:

@@ -17,6 +17,7 @@ class LinearRouter(ModelRouter):
     predictive router family); cost = the model's mean training cost, as in RouterBench."""
 
     name = "linear"
+    cv_grid = {"alpha": [0.1, 1.0, 10.0, 100.0]}  # tuned by CV on the training split (route.tuning)
 
     @dataclass
     class Config:

@@ -21,6 +21,7 @@ class MFRouter(ModelRouter):
     probability against the other models (for two models: P(strong wins), RouteLLM's score)."""
 
     name = "mf"
+    cv_grid = {"weight_decay": [1e-5, 1e-3]}  # tuned by CV on the training split (route.tuning)
     uses_torch = True
 
     @dataclass

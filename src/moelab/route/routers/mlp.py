@@ -17,6 +17,7 @@ class MLPRouter(ModelRouter):
     model's mean training cost (RouterBench's MLP predictive router)."""
 
     name = "mlp"
+    cv_grid = {"weight_decay": [1e-4, 1e-2]}  # tuned by CV on the training split (route.tuning)
     uses_torch = True
 
     @dataclass

@@ -22,6 +22,7 @@ class UniversalRouter(ModelRouter):
     model's overall probe mean with ``prior`` pseudo-counts."""
 
     name = "universal"
+    cv_grid = {"n_clusters": [8, 16, 32]}  # tuned by CV on the training split (route.tuning)
 
     @dataclass
     class Config:
