@@ -336,11 +336,15 @@ class LocalEmbeddingFeaturizer(Featurizer):
         return out
 
     def fingerprint(self) -> str:
-        h = hashlib.sha1(str(self.path.resolve()).encode())
-        for f in sorted(self.path.glob("*")):
-            if f.is_file():
-                h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        return "local-" + h.hexdigest()[:16]
+        """Path plus the files' names, sizes and mtimes, computed once (the folder is read-only
+        for the featurizer's lifetime)."""
+        if getattr(self, "_fp", None) is None:
+            h = hashlib.sha1(str(self.path.resolve()).encode())
+            for f in sorted(self.path.rglob("*")):
+                if f.is_file():
+                    h.update(f"{f.relative_to(self.path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+            self._fp = "local-" + h.hexdigest()[:16]
+        return self._fp
 
     def state(self):
         return {"kind": self.kind, "path": str(self.path.resolve())}, {}
