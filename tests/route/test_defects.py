@@ -108,7 +108,7 @@ def test_aiq_own_points_penalises_a_router_worse_than_mixing():
     sw = Sweep("r", np.array([0.5]), np.zeros((1, n), int), np.full((1, n), 0.5), np.full((1, n), 2.0))
     m = evaluate_sweep(sw, ds, n_boot=0)["metrics"]
     assert m["aiq"] == pytest.approx(0.7) == pytest.approx(m["aiq_zero_router"])  # chord mean: (0.4 + 1) / 2
-    assert m["aiq_own_points"] == pytest.approx(0.5)
+    assert m["aiq_own_points"] == pytest.approx(0.5 * (3 - 2) / (3 - 1))  # nothing below $2, 0.5 above
 
 
 def test_chart_does_not_relabel_a_router_that_misses_the_budget(tmp_path):

@@ -47,6 +47,7 @@ def sweep(router: ModelRouter, test: RoutingDataset, x_PD: np.ndarray | None = N
     return Sweep(router.name, np.asarray(mus), idx_KP, quality_KP, cost_KP, route_s=route_s)
 
 
+PAIRED_KEYS = ("aiq", "gap_closed", "q_at_35best")
 _KEYS = ("aiq", "aiq_own_points", "aiq_zero_router", "aiq_oracle", "gap_closed", "apgr", "apgr_routellm",
          "cpt50", "cpt80", "arena", "q_at_25", "q_at_50", "q_at_35best", "gap_to_oracle", "arena_quality",
          "arena_cost")
@@ -81,7 +82,7 @@ def _metrics(sw: Sweep, test: RoutingDataset, w_PB: np.ndarray, oracle: Sweep | 
         a = mt.aiq(np.concatenate([c_KB[:, b], mc_MB[:, b]]), np.concatenate([q_KB[:, b], mq_MB[:, b]]), lo, hi)
         zero = mt.aiq(mc_MB[:, b], mq_MB[:, b], lo, hi)
         out["aiq"].append(a)
-        out["aiq_own_points"].append(mt.aiq(c_KB[:, b], q_KB[:, b], lo, hi))
+        out["aiq_own_points"].append(mt.aiq(c_KB[:, b], q_KB[:, b], lo, hi, below="zero"))
         out["aiq_zero_router"].append(zero)
         ao = float("nan")
         if oracle is not None:
@@ -133,11 +134,12 @@ def evaluate_sweep(sw: Sweep, test: RoutingDataset, oracle: Sweep | None = None,
         for b in range(n_boot):
             w_PB[:, b] = np.bincount(idx_BP[b], minlength=P) / P
         boots = _metrics(sw, test, w_PB, oracle)
+        boot = {k: boots[k].tolist() for k in PAIRED_KEYS}  # same resamples for every router (same seed)
         for k, v in boots.items():
             v = v[np.isfinite(v)]
             ci[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [None, None]
     q_K, c_K = sw.quality_KP.mean(1), sw.cost_KP.mean(1)
-    return {"router": sw.router, "metrics": point, "ci95": ci,
+    return {"router": sw.router, "metrics": point, "ci95": ci, "_boot": boot if n_boot > 0 else None,
             "curve": {"mu": sw.mus_K.tolist(), "cost": c_K.tolist(), "quality": q_K.tolist()},
             "per_category_at_50pct_budget": _per_category(sw, test), "fit_s": sw.fit_s, "route_s": sw.route_s}
 
@@ -166,6 +168,23 @@ def validate_plan(ds: RoutingDataset, routers: list[str], router_options: dict |
         ds.require_texts()
 
 
+def _paired_vs(results: dict, ref: str) -> None:
+    """``vs_<ref>``: router minus reference for PAIRED_KEYS, point and a paired 95% bootstrap CI
+    (both routers are evaluated on the same resamples of the test prompts)."""
+    rb = results[ref].get("_boot")
+    for name, r in results.items():
+        out = {}
+        for k in PAIRED_KEYS:
+            d = {"point": r["metrics"][k] - results[ref]["metrics"][k], "ci95": [None, None]}
+            if rb is not None and r.get("_boot") is not None:
+                v = np.array(r["_boot"][k]) - np.array(rb[k])
+                v = v[np.isfinite(v)]
+                if len(v):
+                    d["ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            out[k] = d
+        r[f"vs_{ref}"] = out
+
+
 def _split_info(ds, train, test, group_by, log) -> dict:
     info = {}
     if group_by != "prompt":
@@ -181,7 +200,7 @@ def _split_info(ds, train, test, group_by, log) -> dict:
 def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, group_by: str = "prompt",
             seed: int = 0, n_boot: int = 200, feature_dim: int = 128, router_options: dict | None = None,
             cache_dir: str | Path | None = None, log=print, tune: bool = True, cv_folds: int = 3,
-            featurizer=None) -> dict:
+            featurizer=None, reference: str = "knn") -> dict:
     """Split ``ds``, fit one featurizer on the training texts, tune each router's grid by
     ``cv_folds``-fold cross-validation on the training split (``tune=True``; values given in
     ``router_options`` are kept fixed), fit and sweep every router on the test split, and return a
@@ -226,9 +245,13 @@ def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, grou
         m = results[name]["metrics"]
         log(f"  {name:12s} fit {fit_s:6.2f}s  AIQ {m['aiq']:.4f}  gap closed {m['gap_closed']:.3f}  "
             f"Q@35%best {m['q_at_35best']:.4f}" + (f"  tuned {tuned['chosen']}" if tuned and tuned["chosen"] else ""))
+    if reference in results:
+        _paired_vs(results, reference)
+    for r in results.values():
+        r.pop("_boot", None)
     singles = {m: {"quality": float(test.scores_PM[:, j].mean()), "cost": float(test.costs_PM[:, j].mean())}
                for j, m in enumerate(test.models)}
-    return {"dataset": ds.name, "n_train": train.n_prompts, "n_test": test.n_prompts, "models": test.models,
+    return {"dataset": ds.name, "reference": reference if reference in results else None, "n_train": train.n_prompts, "n_test": test.n_prompts, "models": test.models,
             "single_models": singles,
             "split": {"test_frac": test_frac, "group_by": group_by, "seed": seed, **split_info},
             "n_boot": n_boot, "feature_s": feat_s, "featurizer": getattr(feat, "kind", "?"),

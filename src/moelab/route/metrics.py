@@ -21,7 +21,8 @@
 - AIQ, two conventions, both reported: ``aiq`` adds the single models' points to the router's hull
   (RouterBench's zero router: any mix with single models is realisable), so a router worse than
   mixing single models scores exactly what the zero router scores; ``aiq_own_points`` uses the
-  router's own points only (flat extension), so such a router scores below it.
+  router's own points only: flat above its dearest point (a larger budget may go unspent), zero
+  below its cheapest (no operating point is that cheap), so such a router scores below it.
 - Arena score (RouterArena, arXiv:2510.00202): (1 + β)·A·C / (β·A + C), β = 0.1, with
   C = (log2 c_max − log2 c) / (log2 c_max − log2 c_min), c in USD per 1k queries, c_max = 200,
   c_min = 0.0044 (C clipped to [0, 1]).
@@ -70,11 +71,15 @@ def _area(xs: np.ndarray, ys: np.ndarray, lo: float, hi: float) -> float:
     return float(np.sum((grid[1:] - grid[:-1]) * (vals[1:] + vals[:-1]) / 2))
 
 
-def aiq(cost_K, q_K, c_lo: float, c_hi: float) -> float:
-    """RouterBench's AIQ (see module docstring)."""
+def aiq(cost_K, q_K, c_lo: float, c_hi: float, below: str = "flat") -> float:
+    """RouterBench's AIQ (see module docstring). ``below``: the hull's value at costs under its
+    cheapest point: ``"flat"`` (that point's quality) or ``"zero"`` (nothing is achievable for less
+    than the cheapest operating point; used for ``aiq_own_points``)."""
     hc, hq = nondecreasing_hull(cost_K, q_K)
     if c_hi <= c_lo:
         return float(hull_value(hc, hq, np.array([c_lo]))[0])
+    if below == "zero" and hc[0] > c_lo:
+        hc, hq = np.concatenate([[c_lo, hc[0] * (1 - 1e-12)], hc]), np.concatenate([[0.0, 0.0], hq])
     return _area(hc, hq, c_lo, c_hi) / (c_hi - c_lo)
 
 
