@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--routers", default=",".join(ROUTERS))
+    ap.add_argument("--max-prompts", type=int, help="deterministic subset of datasets larger than this")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "route_compare"))
     args = ap.parse_args()
     from moelab.route import compare, load_dataset
@@ -64,7 +65,7 @@ def main() -> None:
     t_all = time.perf_counter()
     parts, results = [], {}
     for name in args.datasets.split(","):
-        ds = load_dataset(name, max_prompts=1500 if args.quick else None)
+        ds = load_dataset(name, max_prompts=1500 if args.quick else args.max_prompts)
         t0 = time.perf_counter()
         res = compare(ds, args.routers.split(","), n_boot=50 if args.quick else 200, cache_dir=None,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -74,7 +75,8 @@ def main() -> None:
                      + table(res))
     wall = time.perf_counter() - t_all
     head = (f"# Model-level routing: router comparison{' (QUICK smoke run)' if args.quick else ''}\n\n"
-            f"Command: `python benchmarks/route_compare.py{' --quick' if args.quick else ''}`; "
+            f"Command: `python benchmarks/route_compare.py{' --quick' if args.quick else ''}"
+            f"{f' --max-prompts {args.max_prompts}' if args.max_prompts else ''}`; "
             f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end "
             f"(shared machine, under load), {time.strftime('%Y-%m-%d %H:%M')}, total {wall:.0f} s.\n\n"
             "Columns: AIQ = RouterBench's area under the cost–quality hull with the single models included "
