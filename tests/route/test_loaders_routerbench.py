@@ -68,19 +68,24 @@ def test_list_literal_prompts_are_unwrapped(tmp_path):
 def test_duplicated_sample_id_rows_are_merged(tmp_path):
     rows = _rows(3)
     first, second = dict(rows[1]), dict(rows[1])
-    first[MODELS[2]] = ""  # RouterBench splits the scores of one prompt over two rows
-    second[MODELS[0]] = second[MODELS[1]] = ""
+    first[MODELS[2]] = ""  # RouterBench splits the scores of one prompt over two rows,
+    second[MODELS[0]] = second[MODELS[1]] = ""  # each row with its own costs
+    for m in MODELS:
+        second[f"{m}|total_cost"] = 7.0 * first[f"{m}|total_cost"]
     ds = D.load_dataset(str(_csv(tmp_path / "rb.csv", [rows[0], first, second, rows[2]])))
     assert ds.n_prompts == 3
     i = ds.prompt_ids.index(rows[1]["sample_id"])
     assert ds.scores_PM[i].tolist() == [rows[1][m] for m in MODELS]
+    # each model's cost comes from the row that holds its score
+    exp = [first[f"{MODELS[0]}|total_cost"], first[f"{MODELS[1]}|total_cost"], second[f"{MODELS[2]}|total_cost"]]
+    assert ds.costs_PM[i].tolist() == pytest.approx(exp)
 
 
 def test_conflicting_duplicates_and_blank_scores_name_the_row(tmp_path):
     rows = _rows(3)
     clash = dict(rows[1])
     clash[MODELS[0]] = 1.0 - rows[1][MODELS[0]]
-    with pytest.raises(MoelabError, match=r"sample_id='arc.train.1'.*different values of 'gpt-4'"):
+    with pytest.raises(MoelabError, match=r"sample_id='arc.train.1' appears on rows \[1, 3\].*values of 'gpt-4'"):
         D.load_dataset(str(_csv(tmp_path / "a.csv", rows + [clash])))
     rows[2][MODELS[1]] = ""
     with pytest.raises(MoelabError, match=r"score of mistral-7b='' on sample_id='arc.train.2'"):

@@ -452,29 +452,29 @@ def _rb_models(cols: list[str], where: str) -> list[str]:
 
 
 def _merge_duplicates(recs: list[dict], models: list[str], where: str) -> list[dict]:
-    """RouterBench repeats a ``sample_id`` on two rows with the scores split between them: merge
-    rows with the same id, taking each field from the row where it is filled in."""
-    by_id: dict[str, dict] = {}
-    order: list[str] = []
+    """RouterBench repeats a ``sample_id`` on two rows with the scores split between them (and
+    each row with its own costs): merge rows with the same id, taking each model's score, cost
+    and response from the row where that model's score is filled in. Two different scores for one
+    model are an error naming the id and the rows."""
+    groups: dict[str, list[int]] = {}
     for i, r in enumerate(recs):
-        sid = str(r.get("sample_id", f"row{i}"))
-        if sid not in by_id:
-            by_id[sid], order = dict(r), order + [sid]
-            by_id[sid]["_rows"] = [i]
-            continue
-        cur = by_id[sid]
-        cur["_rows"].append(i)
-        for k, v in r.items():
-            if _blank(v):
-                continue
-            if _blank(cur.get(k)):
-                cur[k] = v
-            elif k in models or k.endswith("|total_cost"):
-                a, b = _num(cur[k], k, where, sid), _num(v, k, where, sid)
-                if a != b:
-                    raise MoelabError(f"{where}: sample_id={sid!r} appears on rows {cur['_rows']} with "
-                                      f"different values of {k!r} ({a} and {b}); cannot merge them")
-    return [by_id[s] for s in order]
+        groups.setdefault(str(r.get("sample_id", f"row{i}")), []).append(i)
+    out = []
+    for sid, rows in groups.items():
+        merged = dict(recs[rows[0]])
+        merged["_rows"] = rows
+        for m in models if len(rows) > 1 else []:
+            filled = [i for i in rows if not _blank(recs[i].get(m))]
+            vals = {_num(recs[i][m], f"score of {m}", where, sid) for i in filled}
+            if len(vals) > 1:
+                raise MoelabError(f"{where}: sample_id={sid!r} appears on rows {rows} with different values of "
+                                  f"{m!r} ({sorted(vals)}); cannot merge them")
+            src = recs[filled[0]] if filled else merged
+            for k in (m, f"{m}|total_cost", f"{m}|model_response"):
+                if k in src:
+                    merged[k] = src[k]
+        out.append(merged)
+    return out
 
 
 def _num(v, what: str, where: str, sid: str) -> float:

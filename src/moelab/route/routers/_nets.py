@@ -45,9 +45,18 @@ class DCEncoder(torch.nn.Module):
 
 
 class Policy(torch.nn.Module):
-    def __init__(self, d_in: int, hidden: int, n_models: int) -> None:
+    """pi(m | x, w) for the preference w = (1 - mu, mu). ``bilinear``: logits = (1 - mu) a(x) -
+    mu b(x) + c(x, w), two heads weighted by the preference as the reward is (so the quality-only
+    end is not a faint 2-of-D-inputs signal), plus the plain head c on [x, w]."""
+
+    def __init__(self, d_in: int, hidden: int, n_models: int, bilinear: bool = False) -> None:
         super().__init__()
-        self.net = MLP(d_in + 2, hidden, n_models)
+        self.bilinear, self.n_models = bilinear, n_models
+        self.net = MLP(d_in + 2, hidden, n_models * (3 if bilinear else 1))
 
     def forward(self, x_PD, mu_P):  # preference vector w = (1 - mu, mu)
-        return self.net(torch.cat([x_PD, (1 - mu_P)[:, None], mu_P[:, None]], 1))
+        out = self.net(torch.cat([x_PD, (1 - mu_P)[:, None], mu_P[:, None]], 1))
+        if not self.bilinear:
+            return out
+        a, b, c = out.split(self.n_models, dim=1)
+        return (1 - mu_P)[:, None] * a - mu_P[:, None] * b + c

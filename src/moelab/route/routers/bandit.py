@@ -44,7 +44,12 @@ class BanditRouter(ModelRouter):
     4 epochs left an 11-model pool under-explored and the policy collapsed onto one or two models
     (RouterBench, 11 models: every prompt to Yi-34B, below the best single model at mu = 0).
     ``epochs=0`` (the default) trains for ``max(4, ceil(rounds_per_model * M / N))`` epochs, i.e. at
-    least ``rounds_per_model`` revealed rewards per model."""
+    least ``rounds_per_model`` revealed rewards per model. Choice: ``bilinear=True`` (default)
+    gives the policy two heads weighted by the preference as the reward is, logits =
+    (1 - mu) a(x) - mu b(x) + c(x, w); with the plain [x, w] input alone the 2 preference inputs
+    among 128 features barely moved the policy and it chose one cheap model at every mu (on the
+    RouterBench 0-shot files, 11 models: 87% of prompts to one model and quality 0.796 against
+    0.869 for GPT-4 at mu = 0; with the heads: 0.869 at mu = 0 and a cheaper mix at mu = 0.3)."""
 
     name = "bandit"
     uses_torch = True
@@ -54,6 +59,7 @@ class BanditRouter(ModelRouter):
         hidden: int = 64
         epochs: int = 0  # 0: max(4, ceil(rounds_per_model * M / N)) epochs
         rounds_per_model: int = 1500
+        bilinear: bool = True
         batch: int = 32
         lr: float = 3e-3
         entropy: float = 0.01
@@ -67,7 +73,7 @@ class BanditRouter(ModelRouter):
     def _fit(self, train, x_ND):
         g = torch.Generator().manual_seed(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
-        self.net = nets.Policy(x_ND.shape[1], self.cfg.hidden, len(self.models))
+        self.net = nets.Policy(x_ND.shape[1], self.cfg.hidden, len(self.models), self.cfg.bilinear)
         opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
         x = torch.from_numpy(x_ND)
         s = torch.from_numpy(train.scores_PM.astype(np.float32))
@@ -109,5 +115,5 @@ class BanditRouter(ModelRouter):
         return {"d_in": self.net.net.l1.in_features - 2}, _torch_state("barp", self.net)
 
     def _load_state(self, meta, t):
-        self.net = nets.Policy(meta["d_in"], self.cfg.hidden, len(self.models))
+        self.net = nets.Policy(meta["d_in"], self.cfg.hidden, len(self.models), self.cfg.bilinear)
         _load_torch("barp", self.net, t)
