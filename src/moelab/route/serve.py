@@ -35,7 +35,8 @@ Backends TOML::
 
 Budgets: a request is refused with HTTP 429 (``insufficient_quota``) once the key's or the
 server's spend reaches its budget, and models whose estimated cost exceeds what is left are
-skipped. Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``.
+skipped. Spend is charged when a response arrives (the backend's token usage x the TOML prices,
+else the router's estimate), so concurrent requests may overshoot a budget by what is in flight. Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -488,7 +489,9 @@ def _headers(info: dict) -> dict:
 
 def _client_key(request) -> str | None:
     auth = request.headers.get("authorization", "")
-    return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+    if not auth.lower().startswith("bearer "):
+        return None
+    return auth[7:].strip() or None
 
 
 async def _json_body(request) -> dict:
