@@ -149,3 +149,11 @@ def test_bandit_does_not_collapse_on_eleven_models():
     q = te.scores_PM[np.arange(te.n_prompts), idx].mean()
     assert len(set(idx.tolist())) >= 3
     assert q > te.scores_PM.mean(0).max() + 0.1, (q, te.scores_PM.mean(0).max())
+
+
+def test_budget_error_prints_a_plain_number():
+    ds = topic_dataset(n=60, n_models=2, seed=1)
+    r = build_router("cheapest").fit(ds)
+    with pytest.raises(MoelabError) as e:
+        r.route(ds, budget=np.float64(1e-12))
+    assert "np.float64" not in str(e.value) and "budget=1e-12" in str(e.value)

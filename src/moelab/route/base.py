@@ -170,6 +170,7 @@ class ModelRouter:
         return c_PM[np.arange(len(idx_P)), idx_P]
 
     def _route_budget(self, q_PM, c_PM, budget: float) -> np.ndarray:
+        budget = float(budget)  # a numpy scalar would print as np.float64(...) in the error
         floor = float(c_PM.min(axis=1).mean())
         if not np.isfinite(budget) or budget < floor:
             raise MoelabError(
