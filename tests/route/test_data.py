@@ -102,7 +102,10 @@ def test_routerbench_csv_and_pickle(tmp_path):
     assert ds.categories[0] == "mmlu-x" and ds.responses["gpt-4"][2] == "answer 2 gpt-4"
     pd = pytest.importorskip("pandas")
     pd.DataFrame(rows).to_pickle(tmp_path / "rb.pkl")
-    ds2 = D.load_dataset(str(tmp_path / "rb.pkl"))
+    with pytest.raises(MoelabError, match="--allow-pickle"):
+        D.load_dataset(str(tmp_path / "rb.pkl"))
+    with pytest.warns(UserWarning, match="runs any code"):
+        ds2 = D.load_dataset(str(tmp_path / "rb.pkl"), allow_pickle=True)
     np.testing.assert_allclose(ds2.costs_PM, ds.costs_PM)
 
 

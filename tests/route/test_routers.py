@@ -11,10 +11,10 @@ from moelab.route.evaluate import evaluate_sweep, sweep
 from moelab.route.features import TfidfSvdFeaturizer
 from moelab.route.synthetic import topic_dataset
 
-LEARNED = ["knn", "linear", "mlp", "mf", "carrot", "routerdc", "category", "universal", "bandit"]
+LEARNED = ["knn", "linear", "mlp", "mf", "carrot", "routerdc", "category", "universal", "bandit", "sw-ranking", "irt"]
 TWO_MODEL = ["threshold", "cascade"]
 FAST = {"mlp": {"epochs": 15}, "mf": {"epochs": 15}, "routerdc": {"epochs": 10}, "bandit": {"epochs": 20},
-        "universal": {"n_clusters": 6, "n_probe": 300}, "threshold": {"epochs": 15}}
+        "universal": {"n_clusters": 6, "n_probe": 300}, "threshold": {"epochs": 15}, "irt": {"epochs": 10}}
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,8 @@ class ModelRouter:
     uses_truth = False  # oracle: reads the batch's true scores
     two_model = False  # RouteLLM-style strong/weak routers
     cascade = False  # cost also includes the cheap model's attempt when escalating
+    cv_grid: dict = {}  # option -> values tried by cross-validation (moelab.route.tuning)
+    uses_torch = False  # imported before fitting, so ``threads`` limits its thread pool too
 
     def __init__(self, cfg: Any = None, **kw) -> None:
         if cfg is None:
@@ -89,6 +91,8 @@ class ModelRouter:
             x_ND = self.featurizer.transform(texts)
         elif featurizer is not None:
             self.featurizer = featurizer
+        if self.uses_torch:
+            import torch  # noqa: F401
         with threads():
             self._fit(train, None if x_ND is None else np.asarray(x_ND, np.float32))
         self.fitted = True
@@ -166,6 +170,7 @@ class ModelRouter:
         return c_PM[np.arange(len(idx_P)), idx_P]
 
     def _route_budget(self, q_PM, c_PM, budget: float) -> np.ndarray:
+        budget = float(budget)  # a numpy scalar would print as np.float64(...) in the error
         floor = float(c_PM.min(axis=1).mean())
         if not np.isfinite(budget) or budget < floor:
             raise MoelabError(

@@ -91,20 +91,20 @@ class RoutingDataset:
             p, m = np.argwhere(bad)[0]
             raise MoelabError(
                 f"dataset {self.name!r}: score of model {self.models[m]!r} on prompt "
-                f"{self.prompt_ids[p]!r} is {self.scores_PM[p, m]}; scores must be finite and in [0, 1]"
+                f"{self.prompt_ids[p]!r} is {float(self.scores_PM[p, m])!r}; scores must be finite and in [0, 1]"
             )
         bad = (self.scores_PM < 0) | (self.scores_PM > 1)
         if bad.any():
             p, m = np.argwhere(bad)[0]
             raise MoelabError(
-                f"dataset {self.name!r}: score={self.scores_PM[p, m]!r} of model {self.models[m]!r} on "
+                f"dataset {self.name!r}: score={float(self.scores_PM[p, m])!r} of model {self.models[m]!r} on "
                 f"prompt {self.prompt_ids[p]!r} is outside [0, 1]"
             )
         bad = ~np.isfinite(self.costs_PM) | (self.costs_PM < 0)
         if bad.any():
             p, m = np.argwhere(bad)[0]
             raise MoelabError(
-                f"dataset {self.name!r}: cost={self.costs_PM[p, m]!r} of model {self.models[m]!r} on "
+                f"dataset {self.name!r}: cost={float(self.costs_PM[p, m])!r} of model {self.models[m]!r} on "
                 f"prompt {self.prompt_ids[p]!r} is invalid; costs must be finite USD >= 0"
             )
 
@@ -361,48 +361,185 @@ def load_routerarena(root: str | Path | None = None, prices: dict | None = None)
     return ds.deduplicate()
 
 
-def load_routerbench(path: str | Path, eval_name: str | None = None) -> RoutingDataset:
-    """RouterBench schema (arXiv:2403.12031): one row per prompt, per model a score column,
-    ``<model>|total_cost`` and ``<model>|model_response``; ``eval_name``; ``prompt``; optional
-    ``sample_id``. Reads CSV or a pandas pickle (``.pkl``: only load files you trust)."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle"):
+_RB_META = {"sample_id", "prompt", "eval_name", "oracle_model_to_route_to", "split", "Unnamed: 0", ""}
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1) == b"\x80"  # pickle protocol 2+ opcode PROTO
+    except OSError:
+        return False
+
+
+def read_pickle_checked(path: Path, allow_pickle: bool):
+    """pandas.read_pickle behind an explicit opt-in: unpickling runs arbitrary code."""
+    if not allow_pickle:
+        raise MoelabError(
+            f"{path} is a pickle; loading a pickle runs any code inside it, so it is refused by default. "
+            "Convert it to CSV, Parquet or JSONL, or pass --allow-pickle (allow_pickle=True) for a file you trust"
+        )
+    import warnings
+
+    import pandas as pd
+
+    warnings.warn(f"loading pickle {path} (allow_pickle=True): this runs any code in the file", stacklevel=3)
+    return pd.read_pickle(path)
+
+
+def _read_table(path: Path, allow_pickle: bool = False) -> tuple[list[str], list[dict]]:
+    """(columns, records) of a CSV, JSONL, Parquet or (opt-in) pickle file."""
+    if _is_pickle(path):
+        df = read_pickle_checked(path, allow_pickle)
+        return [str(c) for c in df.columns], df.to_dict("records")
+    if path.suffix == ".parquet":
         import pandas as pd
 
-        df = pd.read_pickle(path)
-        recs = df.to_dict("records")
-        cols = list(df.columns)
-    else:
+        df = pd.read_parquet(path)
+        return [str(c) for c in df.columns], df.to_dict("records")
+    if path.suffix in (".jsonl", ".json"):
+        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        cols = list(dict.fromkeys(k for r in recs for k in r))
+        return cols, recs
+    if path.suffix in (".csv", ".tsv"):
         with open(path, newline="") as fh:
-            rd = csv.DictReader(fh)
-            cols = list(rd.fieldnames or [])
-            recs = list(rd)
-    models = [c.split("|")[0] for c in cols if c.endswith("|total_cost")]
-    if not models:
-        raise MoelabError(f"{path}: no '<model>|total_cost' columns; not the RouterBench schema")
-    missing = [m for m in models if m not in cols]
-    if missing:
-        raise MoelabError(f"{path}: models {missing} have a '|total_cost' column but no score column")
+            rd = csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
+            return list(rd.fieldnames or []), list(rd)
+    raise MoelabError(
+        f"data path {str(path)!r} has suffix {path.suffix!r}; expected .csv, .jsonl, .parquet (or .pkl with --allow-pickle)"
+    )
+
+
+def unwrap_prompt(v) -> str | None:
+    """A prompt as text: RouterBench stores some prompts as Python list literals (``"['...']"``);
+    those are unwrapped (several turns joined with a blank line)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, (list, tuple)):
+        return "\n\n".join(str(x) for x in v) or None
+    s = str(v)
+    if len(s) >= 2 and s[0] == "[" and s[-1] == "]":
+        try:
+            lit = ast.literal_eval(s)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return s or None
+        if isinstance(lit, list) and all(isinstance(x, str) for x in lit):
+            return "\n\n".join(lit) or None
+    return s or None
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() == "")
+
+
+def _rb_models(cols: list[str], where: str) -> list[str]:
+    """Models of a RouterBench table; every model needs a score column and ``<model>|total_cost``."""
+    colset = set(cols)
+    named = list(dict.fromkeys(c.split("|", 1)[0] for c in cols if "|" in c))
+    if not named:
+        raise MoelabError(f"{where}: no '<model>|total_cost' or '<model>|model_response' columns; "
+                          "not the RouterBench schema")
+    for m in named:
+        if f"{m}|total_cost" not in colset:
+            raise MoelabError(f"{where}: model {m!r} has no cost column {m + '|total_cost'!r}; "
+                              "every model needs one (or drop the model's columns)")
+        if m not in colset:
+            raise MoelabError(f"{where}: model {m!r} has a {m + '|total_cost'!r} column but no score column {m!r}")
+    return named
+
+
+def _merge_duplicates(recs: list[dict], models: list[str], where: str) -> list[dict]:
+    """RouterBench repeats a ``sample_id`` on two rows with the scores split between them (and
+    each row with its own costs): merge rows with the same id, taking each model's score, cost
+    and response from the row where that model's score is filled in. Two different scores for one
+    model are an error naming the id and the rows."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(str(r.get("sample_id", f"row{i}")), []).append(i)
+    out = []
+    for sid, rows in groups.items():
+        merged = dict(recs[rows[0]])
+        merged["_rows"] = rows
+        for m in models if len(rows) > 1 else []:
+            filled = [i for i in rows if not _blank(recs[i].get(m))]
+            vals = {_num(recs[i][m], f"score of {m}", where, sid) for i in filled}
+            if len(vals) > 1:
+                raise MoelabError(f"{where}: sample_id={sid!r} appears on rows {rows} with different values of "
+                                  f"{m!r} ({sorted(vals)}); cannot merge them")
+            src = recs[filled[0]] if filled else merged
+            for k in (m, f"{m}|total_cost", f"{m}|model_response"):
+                if k in src:
+                    merged[k] = src[k]
+        out.append(merged)
+    return out
+
+
+def _num(v, what: str, where: str, sid: str) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not math.isfinite(x):
+        raise MoelabError(f"{where}: {what}={str(v)!r} on sample_id={sid!r} is not a number")
+    return x
+
+
+def _rb_files(path) -> list[Path]:
+    if isinstance(path, (list, tuple)):
+        return [Path(p) for p in path]
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".csv", ".jsonl", ".parquet", *PICKLE_SUFFIXES))
+        if not files:
+            raise MoelabError(f"folder {str(p)!r} holds no .csv/.jsonl/.parquet files of the RouterBench schema")
+        return files
+    return [p]
+
+
+def load_routerbench(path, eval_name: str | None = None, allow_pickle: bool = False) -> RoutingDataset:
+    """RouterBench schema (arXiv:2403.12031): one row per prompt, per model a score column,
+    ``<model>|total_cost`` and ``<model>|model_response``; ``eval_name``; ``prompt``; optional
+    ``sample_id``. ``path`` is a file, a folder of such files or a list of files (splits come as
+    separate files; they are concatenated and must name the same models). CSV, JSONL or Parquet;
+    a pandas pickle only with ``allow_pickle=True`` (unpickling runs code).
+
+    Prompts stored as Python list literals are unwrapped; rows repeating a ``sample_id`` (RouterBench
+    splits some prompts' scores over two rows) are merged, and conflicting duplicates are an error
+    naming the id. A model without its ``|total_cost`` column is an error naming it."""
+    files = _rb_files(path)
+    recs: list[dict] = []
+    models: list[str] | None = None
+    for f in files:
+        cols, rows = _read_table(f, allow_pickle)
+        ms = _rb_models(cols, str(f))
+        if models is not None and ms != models:
+            raise MoelabError(f"{f}: models {ms} differ from {models} in {files[0]}; files must share the pool")
+        models = ms
+        recs += rows
+    assert models is not None
+    where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
     if eval_name is not None:
         recs = [r for r in recs if str(r.get("eval_name")) == eval_name]
-    ids = [str(r.get("sample_id", i)) for i, r in enumerate(recs)]
-    texts = [str(r["prompt"]) if r.get("prompt") not in (None, "") else None for r in recs]
+    if not recs:
+        raise MoelabError(f"{where}: no rows" + (f" with eval_name={eval_name!r}" if eval_name else ""))
+    recs = _merge_duplicates(recs, models, where)
+    ids = [str(r.get("sample_id", f"row{r['_rows'][0]}")) for r in recs]
+    texts = [unwrap_prompt(r.get("prompt")) for r in recs]
     evals = [str(r.get("eval_name", "unknown")) for r in recs]
-
-    def num(v, what):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise MoelabError(f"{path}: {what}={v!r} is not a number") from None
-        return x
-
-    scores = np.array([[num(r[m], f"score of {m}") for m in models] for r in recs])
-    costs = np.array([[num(r[f"{m}|total_cost"], f"{m}|total_cost") for m in models] for r in recs])
+    scores = np.array([[_num(r.get(m), f"score of {m}", where, s) for m in models] for r, s in zip(recs, ids)])
+    costs = np.array([[_num(r.get(f"{m}|total_cost"), f"{m}|total_cost", where, s) for m in models]
+                      for r, s in zip(recs, ids)])
     resp = None
-    if all(f"{m}|model_response" in cols for m in models):
-        resp = {m: [str(r[f"{m}|model_response"]) for r in recs] for m in models}
+    if all(f"{m}|model_response" in recs[0] for m in models):
+        resp = {m: [str(r.get(f"{m}|model_response")) for r in recs] for m in models}
     src = [e.split(".")[0].split("-")[0] for e in evals]
-    return RoutingDataset(path.stem, ids, texts, src, evals, models, scores, costs, resp).deduplicate()
+    name = files[0].stem if len(files) == 1 else Path(files[0]).parent.name
+    return RoutingDataset(name, ids, texts, src, evals, models, scores, costs, resp).deduplicate()
 
 
 def load_long(path: str | Path, name: str | None = None) -> RoutingDataset:
@@ -410,20 +547,12 @@ def load_long(path: str | Path, name: str | None = None) -> RoutingDataset:
     optional ``prompt`` (text), ``source``, ``category``. CSV, JSONL or Parquet.
     Every (prompt, model) pair must be present: nothing is filled in."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        recs = pd.read_parquet(path).to_dict("records")
-    elif path.suffix in (".jsonl", ".json"):
-        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            recs = list(csv.DictReader(fh))
-    else:
-        raise MoelabError(f"data path {str(path)!r} has suffix {path.suffix!r}; expected .csv, .jsonl or .parquet")
+    _, recs = _read_table(path)
     for need in ("prompt_id", "model", "score", "cost"):
         if recs and need not in recs[0]:
-            raise MoelabError(f"{path}: column {need!r} is missing; long format needs prompt_id, model, score, cost")
+            raise MoelabError(
+                f"{path}: column {need!r} is missing; the long format needs prompt_id, model, score, cost, and "
+                f"the RouterBench schema needs '<model>|total_cost' columns; found columns {list(recs[0])[:12]}")
     pids: list[str] = []
     models: list[str] = []
     info: dict[str, dict] = {}
@@ -462,9 +591,28 @@ def load_long(path: str | Path, name: str | None = None) -> RoutingDataset:
 DATASETS = ("routellm-mmlu", "routellm-gsm8k", "routerarena")
 
 
-def load_dataset(name_or_path: str, max_prompts: int | None = None) -> RoutingDataset:
-    """Load by CLI name (routellm-mmlu, routellm-gsm8k, routerarena) or a file path (RouterBench
-    schema if it has ``|total_cost`` columns or is a pickle, else long format)."""
+def _header(path: Path) -> list[str]:
+    """Column names of a data file, read cheaply (first line of CSV/JSONL, schema of Parquet)."""
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="") as fh:
+            return next(csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ","), [])
+    if path.suffix in (".jsonl", ".json"):
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    return list(json.loads(line))
+        return []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return []
+
+
+def load_dataset(name_or_path: str, max_prompts: int | None = None, allow_pickle: bool = False) -> RoutingDataset:
+    """Load by CLI name (routellm-mmlu, routellm-gsm8k, routerarena), a file, a folder or a
+    comma-separated list of files. RouterBench schema when the columns include ``<model>|...``
+    (or the file is a pickle, read only with ``allow_pickle=True``), else the long format."""
     if name_or_path == "routellm-mmlu":
         ds = load_routellm_mmlu()
     elif name_or_path == "routellm-gsm8k":
@@ -472,13 +620,21 @@ def load_dataset(name_or_path: str, max_prompts: int | None = None) -> RoutingDa
     elif name_or_path == "routerarena":
         ds = load_routerarena()
     else:
-        p = Path(name_or_path)
-        if not p.exists():
-            raise MoelabError(
-                f"data={name_or_path!r} is neither a dataset name ({', '.join(DATASETS)}) nor an existing file"
-            )
-        head = p.read_bytes()[:4096] if p.suffix == ".csv" else b""
-        ds = load_routerbench(p) if p.suffix in (".pkl", ".pickle") or b"|total_cost" in head else load_long(p)
+        parts = [Path(s) for s in str(name_or_path).split(",") if s.strip()]
+        for p in parts:
+            if not p.exists():
+                raise MoelabError(f"data={str(p)!r} is neither a dataset name ({', '.join(DATASETS)}) "
+                                  "nor an existing file or folder")
+        files = _rb_files(parts[0]) if len(parts) == 1 else parts
+        first = files[0]
+        rb = _is_pickle(first) or any("|" in c for c in _header(first))
+        if rb:
+            ds = load_routerbench(files, allow_pickle=allow_pickle)
+        elif len(files) == 1:
+            ds = load_long(first)
+        else:
+            raise MoelabError(f"data={name_or_path!r}: several files are read only in the RouterBench schema "
+                              f"('<model>|total_cost' columns); {first} has none")
     if max_prompts is not None and ds.n_prompts > max_prompts:
         order = np.argsort([prompt_hash(f"sub:{p}") for p in ds.prompt_ids], kind="stable")[:max_prompts]
         ds = ds.subset(np.sort(order))

@@ -47,36 +47,52 @@ def sweep(router: ModelRouter, test: RoutingDataset, x_PD: np.ndarray | None = N
     return Sweep(router.name, np.asarray(mus), idx_KP, quality_KP, cost_KP, route_s=route_s)
 
 
-def _metrics(sw: Sweep, test: RoutingDataset, w_PB: np.ndarray, oracle: Sweep | None, mid_K=None) -> dict:
-    """Metrics for each bootstrap weight column of ``w_PB`` (weights sum to 1 per column)."""
+PAIRED_KEYS = ("aiq", "gap_closed", "q_at_35best")
+_KEYS = ("aiq", "aiq_own_points", "aiq_zero_router", "aiq_oracle", "gap_closed", "apgr", "apgr_routellm",
+         "cpt50", "cpt80", "arena", "q_at_25", "q_at_50", "q_at_35best", "gap_to_oracle", "arena_quality",
+         "arena_cost")
+
+
+def _two_model_metrics(out, frac_K, q_K, qw, qs) -> None:
+    if frac_K is None or not qs > qw:  # APGR/CPT need a strong (expensive) model that is also better
+        for k in ("apgr", "apgr_routellm", "cpt50", "cpt80"):
+            out[k].append(float("nan"))
+        return
+    out["apgr"].append(mt.apgr(frac_K, q_K, qw, qs))
+    out["apgr_routellm"].append(mt.apgr_routellm(frac_K, q_K, qw, qs))
+    out["cpt50"].append(mt.cpt(frac_K, q_K, qw, qs, 0.5))
+    out["cpt80"].append(mt.cpt(frac_K, q_K, qw, qs, 0.8))
+
+
+def _metrics(sw: Sweep, test: RoutingDataset, w_PB: np.ndarray, oracle: Sweep | None) -> dict:
+    """Metrics for each bootstrap weight column of ``w_PB`` (weights sum to 1 per column).
+    Conventions: see :mod:`moelab.route.metrics` (``aiq`` vs ``aiq_own_points``, ``apgr`` vs
+    ``apgr_routellm``). ``gap_closed`` = (aiq - zero router) / (oracle - zero router), the share of
+    the single-model-mix → oracle AIQ gap the router closes. ``q_at_35best``: best quality at a mean
+    cost within 35% of the best single model's cost."""
     q_KB, c_KB = sw.quality_KP @ w_PB, sw.cost_KP @ w_PB
     mq_MB, mc_MB = test.scores_PM.T @ w_PB, test.costs_PM.T @ w_PB
-    M = len(test.models)
-    two = M == 2
+    two = len(test.models) == 2
     strong = int(np.argmax(test.costs_PM.mean(0)))
+    best = int(np.argmax(test.scores_PM.mean(0) - 1e-12 * test.costs_PM.mean(0)))
     frac_KB = (sw.idx_KP == strong).astype(float) @ w_PB if two else None
-    out: dict[str, list] = {k: [] for k in ("aiq", "apgr", "cpt50", "cpt80", "arena", "q_at_25", "q_at_50",
-                                               "gap_to_oracle", "arena_quality", "arena_cost")}
+    out: dict[str, list] = {k: [] for k in _KEYS}
     for b in range(w_PB.shape[1]):
         lo, hi = mc_MB[:, b].min(), mc_MB[:, b].max()
-        # RouterBench's zero router: every router may be mixed with the single models, so their
-        # points join the hull (a lone single model then scores the chord, like random mixing).
         a = mt.aiq(np.concatenate([c_KB[:, b], mc_MB[:, b]]), np.concatenate([q_KB[:, b], mq_MB[:, b]]), lo, hi)
+        zero = mt.aiq(mc_MB[:, b], mq_MB[:, b], lo, hi)
         out["aiq"].append(a)
+        out["aiq_own_points"].append(mt.aiq(c_KB[:, b], q_KB[:, b], lo, hi, below="zero"))
+        out["aiq_zero_router"].append(zero)
+        ao = float("nan")
         if oracle is not None:
             oq, oc = oracle.quality_KP @ w_PB[:, b], oracle.cost_KP @ w_PB[:, b]
             ao = mt.aiq(np.concatenate([oc, mc_MB[:, b]]), np.concatenate([oq, mq_MB[:, b]]), lo, hi)
-            out["gap_to_oracle"].append(ao - a)
-        else:
-            out["gap_to_oracle"].append(float("nan"))
-        if two and mq_MB[strong, b] > mq_MB[1 - strong, b]:
-            qs, qw = mq_MB[strong, b], mq_MB[1 - strong, b]
-            out["apgr"].append(mt.apgr(frac_KB[:, b], q_KB[:, b], qw, qs))
-            out["cpt50"].append(mt.cpt(frac_KB[:, b], q_KB[:, b], qw, qs, 0.5))
-            out["cpt80"].append(mt.cpt(frac_KB[:, b], q_KB[:, b], qw, qs, 0.8))
-        else:  # APGR/CPT need a strong (expensive) model that is also the better one
-            for k in ("apgr", "cpt50", "cpt80"):
-                out[k].append(float("nan"))
+        out["aiq_oracle"].append(ao)
+        out["gap_to_oracle"].append(ao - a)
+        out["gap_closed"].append((a - zero) / (ao - zero) if ao - zero > 1e-12 else float("nan"))
+        _two_model_metrics(out, None if frac_KB is None else frac_KB[:, b], q_KB[:, b],
+                           mq_MB[1 - strong, b] if two else 0.0, mq_MB[strong, b])
         ar = [mt.arena_score(q, c) for q, c in zip(q_KB[:, b], c_KB[:, b])]
         kb = int(np.argmax(ar))
         out["arena"].append(ar[kb])
@@ -84,7 +100,24 @@ def _metrics(sw: Sweep, test: RoutingDataset, w_PB: np.ndarray, oracle: Sweep | 
         out["arena_cost"].append(c_KB[kb, b])
         out["q_at_25"].append(mt.quality_at_budget(c_KB[:, b], q_KB[:, b], 0.25 * hi))
         out["q_at_50"].append(mt.quality_at_budget(c_KB[:, b], q_KB[:, b], 0.50 * hi))
+        out["q_at_35best"].append(mt.quality_at_budget(c_KB[:, b], q_KB[:, b], 0.35 * mc_MB[best, b]))
     return {k: np.array(v, float) for k, v in out.items()}
+
+
+def _per_category(sw: Sweep, test: RoutingDataset) -> dict | None:
+    """Per-category outcomes at the best operating point within 50% of the most expensive model's
+    cost; None when no operating point meets that budget (the table then says n/a, and the chart
+    leaves the router out instead of showing another point under that label)."""
+    q_K, c_K = sw.quality_KP.mean(1), sw.cost_KP.mean(1)
+    ok = np.flatnonzero(c_K <= 0.5 * test.costs_PM.mean(0).max() * (1 + 1e-9))
+    if not len(ok):
+        return None
+    k50 = int(ok[np.argmax(q_K[ok])])
+    cat_arr = np.array(test.categories)
+    return {c: {"n": int((cat_arr == c).sum()), "quality": float(sw.quality_KP[k50, cat_arr == c].mean()),
+                "cost": float(sw.cost_KP[k50, cat_arr == c].mean()),
+                "share": {m: float((sw.idx_KP[k50, cat_arr == c] == j).mean()) for j, m in enumerate(test.models)}}
+            for c in sorted(set(test.categories))}
 
 
 def evaluate_sweep(sw: Sweep, test: RoutingDataset, oracle: Sweep | None = None, n_boot: int = 200,
@@ -101,63 +134,128 @@ def evaluate_sweep(sw: Sweep, test: RoutingDataset, oracle: Sweep | None = None,
         for b in range(n_boot):
             w_PB[:, b] = np.bincount(idx_BP[b], minlength=P) / P
         boots = _metrics(sw, test, w_PB, oracle)
+        boot = {k: boots[k].tolist() for k in PAIRED_KEYS}  # same resamples for every router (same seed)
         for k, v in boots.items():
             v = v[np.isfinite(v)]
             ci[k] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [None, None]
     q_K, c_K = sw.quality_KP.mean(1), sw.cost_KP.mean(1)
-    hi = test.costs_PM.mean(0).max()
-    ok = np.flatnonzero(c_K <= 0.5 * hi * (1 + 1e-9))
-    k50 = int(ok[np.argmax(q_K[ok])]) if len(ok) else int(np.argmin(c_K))
-    cats = sorted(set(test.categories))
-    cat_arr = np.array(test.categories)
-    per_cat = {c: {"n": int((cat_arr == c).sum()),
-                   "quality": float(sw.quality_KP[k50, cat_arr == c].mean()),
-                   "cost": float(sw.cost_KP[k50, cat_arr == c].mean()),
-                   "share": {m: float((sw.idx_KP[k50, cat_arr == c] == j).mean()) for j, m in enumerate(test.models)}}
-               for c in cats}
-    return {"router": sw.router, "metrics": point, "ci95": ci,
+    return {"router": sw.router, "metrics": point, "ci95": ci, "_boot": boot if n_boot > 0 else None,
             "curve": {"mu": sw.mus_K.tolist(), "cost": c_K.tolist(), "quality": q_K.tolist()},
-            "per_category_at_50pct_budget": per_cat, "fit_s": sw.fit_s, "route_s": sw.route_s}
+            "per_category_at_50pct_budget": _per_category(sw, test), "fit_s": sw.fit_s, "route_s": sw.route_s}
+
+
+def validate_plan(ds: RoutingDataset, routers: list[str], router_options: dict | None = None) -> None:
+    """Check the whole comparison before anything is fitted: router names, options (only for
+    routers in the plan, only known fields), two-model routers against the pool, prompt texts.
+    Errors name the CLI flags (``--routers``, ``--option``, ``--models``)."""
+    router_options = router_options or {}
+    if not routers:
+        raise MoelabError("--routers is empty; name at least one router (see `moelab route routers`)")
+    for r in routers:
+        MODEL_ROUTERS.get(r)  # raises with the valid names
+    extra = sorted(set(router_options) - set(routers))
+    if extra:
+        raise MoelabError(f"--option given for router(s) {extra} that are not in --routers ({','.join(routers)}); "
+                          "add them to --routers or drop the option")
+    for r in routers:
+        cls = MODEL_ROUTERS.get(r)
+        cls(**router_options.get(r, {}))  # unknown option names raise here
+        if cls.two_model and len(ds.models) != 2:
+            raise MoelabError(
+                f"router {r!r} routes between two models; the dataset has {len(ds.models)} "
+                f"({', '.join(ds.models)}); pick two with --models A,B or leave {r!r} out of --routers")
+    if any(MODEL_ROUTERS.get(r).needs_features for r in routers):
+        ds.require_texts()
+
+
+def _paired_vs(results: dict, ref: str) -> None:
+    """``vs_<ref>``: router minus reference for PAIRED_KEYS, point and a paired 95% bootstrap CI
+    (both routers are evaluated on the same resamples of the test prompts)."""
+    rb = results[ref].get("_boot")
+    for name, r in results.items():
+        out = {}
+        for k in PAIRED_KEYS:
+            d = {"point": r["metrics"][k] - results[ref]["metrics"][k], "ci95": [None, None]}
+            if rb is not None and r.get("_boot") is not None:
+                v = np.array(r["_boot"][k]) - np.array(rb[k])
+                v = v[np.isfinite(v)]
+                if len(v):
+                    d["ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            out[k] = d
+        r[f"vs_{ref}"] = out
+
+
+def _split_info(ds, train, test, group_by, log) -> dict:
+    info = {}
+    if group_by != "prompt":
+        key = "sources" if group_by == "source" else "categories"
+        g_tr, g_te = sorted(set(getattr(train, key))), sorted(set(getattr(test, key)))
+        info = {"train_groups": g_tr, "test_groups": g_te}
+        if len(g_tr) + len(g_te) < 10:
+            log(f"warning: group_by={group_by!r} has only {len(g_tr) + len(g_te)} groups: the test split is "
+                f"{len(g_te)} whole group(s) {g_te}, i.e. leave-{len(g_te)}-{group_by}-out; read the result as such")
+    return info
 
 
 def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, group_by: str = "prompt",
             seed: int = 0, n_boot: int = 200, feature_dim: int = 128, router_options: dict | None = None,
-            cache_dir: str | Path | None = None, log=print) -> dict:
-    """Split ``ds``, fit one featurizer on the training texts, fit and sweep every router on the test
-    split, and return a JSON-able result (the oracle is always evaluated, for the gap)."""
-    for r in routers:
-        MODEL_ROUTERS.get(r)  # raises with the valid names
+            cache_dir: str | Path | None = None, log=print, tune: bool = True, cv_folds: int = 3,
+            featurizer=None, reference: str = "knn") -> dict:
+    """Split ``ds``, fit one featurizer on the training texts, tune each router's grid by
+    ``cv_folds``-fold cross-validation on the training split (``tune=True``; values given in
+    ``router_options`` are kept fixed), fit and sweep every router on the test split, and return a
+    JSON-able result (the oracle is always evaluated, for the gap). ``featurizer``: a
+    :class:`~moelab.route.features.Featurizer` to use instead of TF-IDF+SVD (e.g. a local
+    embedding model); it is fitted on the training texts."""
+    from moelab.route.tuning import tune_router
+
     router_options = router_options or {}
+    validate_plan(ds, routers, router_options)
     train, test = ds.split(test_frac=test_frac, group_by=group_by, seed=seed)
+    split_info = _split_info(ds, train, test, group_by, log)
     t0 = time.perf_counter()
-    feat = TfidfSvdFeaturizer(dim=feature_dim, seed=seed)
+    feat = featurizer if featurizer is not None else TfidfSvdFeaturizer(dim=feature_dim, seed=seed)
     x_tr = x_te = None
-    needs = any(MODEL_ROUTERS.get(r).needs_features for r in routers)
-    if needs:
-        feat.fit_cached(train.require_texts(), cache_dir)
+    if any(MODEL_ROUTERS.get(r).needs_features for r in routers):
+        if isinstance(feat, TfidfSvdFeaturizer):
+            feat.fit_cached(train.require_texts(), cache_dir)
+        else:
+            feat.fit(train.require_texts())
         x_tr = feat.transform(train.require_texts(), cache_dir)
         x_te = feat.transform(test.require_texts(), cache_dir)
     feat_s = time.perf_counter() - t0
     log(f"{ds.name}: {train.n_prompts} train / {test.n_prompts} test prompts, models {ds.models}; "
         f"features {feat_s:.1f}s")
-    oracle = build_router("oracle").fit(train)
-    osw = sweep(oracle, test)
+    osw = sweep(build_router("oracle").fit(train), test)
     results = {}
     for name in routers:
-        r = build_router(name, **router_options.get(name, {}))
+        opts, tuned = dict(router_options.get(name, {})), None
+        if tune:
+            tuned = tune_router(name, train, x_tr, fixed=opts, folds=cv_folds, seed=seed, group_by=group_by)
+            opts.update(tuned["chosen"])
+        r = build_router(name, **opts)
         t0 = time.perf_counter()
         r.fit(train, featurizer=feat if r.needs_features else None, x_ND=x_tr if r.needs_features else None)
         fit_s = time.perf_counter() - t0
         sw = sweep(r, test, x_te if r.needs_features else None)
         sw.fit_s = fit_s
         results[name] = evaluate_sweep(sw, test, osw, n_boot=n_boot, seed=seed)
+        results[name]["options"] = {k: v for k, v in vars(r.cfg).items()}
+        results[name]["tuning"] = tuned
         m = results[name]["metrics"]
-        log(f"  {name:12s} fit {fit_s:6.2f}s  AIQ {m['aiq']:.4f}  Q@50% {m['q_at_50']:.4f}")
+        log(f"  {name:12s} fit {fit_s:6.2f}s  AIQ {m['aiq']:.4f}  gap closed {m['gap_closed']:.3f}  "
+            f"Q@35%best {m['q_at_35best']:.4f}" + (f"  tuned {tuned['chosen']}" if tuned and tuned["chosen"] else ""))
+    if reference in results:
+        _paired_vs(results, reference)
+    for r in results.values():
+        r.pop("_boot", None)
     singles = {m: {"quality": float(test.scores_PM[:, j].mean()), "cost": float(test.costs_PM[:, j].mean())}
                for j, m in enumerate(test.models)}
-    return {"dataset": ds.name, "n_train": train.n_prompts, "n_test": test.n_prompts, "models": test.models,
-            "single_models": singles, "split": {"test_frac": test_frac, "group_by": group_by, "seed": seed},
-            "n_boot": n_boot, "feature_s": feat_s, "routers": results}
+    return {"dataset": ds.name, "reference": reference if reference in results else None, "n_train": train.n_prompts, "n_test": test.n_prompts, "models": test.models,
+            "single_models": singles,
+            "split": {"test_frac": test_frac, "group_by": group_by, "seed": seed, **split_info},
+            "n_boot": n_boot, "feature_s": feat_s, "featurizer": getattr(feat, "kind", "?"),
+            "tuning": {"enabled": tune, "folds": cv_folds, "score": "aiq"}, "routers": results}
 
 
 # ---------------------------------------------------------------------- reporting
@@ -171,27 +269,95 @@ def _fmt(v, ci=None, pct=False) -> str:
     return s
 
 
-TABLE_COLUMNS = [("AIQ", "aiq", False), ("APGR", "apgr", False), ("CPT50%", "cpt50", True),
-                 ("CPT80%", "cpt80", True), ("Arena", "arena", True), ("Q@25%", "q_at_25", True),
-                 ("Q@50%", "q_at_50", True), ("gap-oracle", "gap_to_oracle", False)]
+TABLE_COLUMNS = [("AIQ", "aiq", False), ("AIQ own", "aiq_own_points", False), ("gap closed", "gap_closed", False),
+                 ("APGR", "apgr", False), ("APGR RouteLLM", "apgr_routellm", False), ("CPT50%", "cpt50", True),
+                 ("CPT80%", "cpt80", True), ("Arena", "arena", True), ("Q@35% best", "q_at_35best", True),
+                 ("Q@50%", "q_at_50", True)]
+TABLE_NOTE = ("AIQ: RouterBench area under the cost-quality hull, single models included (zero router); "
+              "AIQ own: the router's own points only; gap closed: (AIQ - zero router) / (oracle - zero router); "
+              "APGR: moelab's (flat to 100% strong calls), APGR RouteLLM: over the swept span only; "
+              "Q@35% best: best quality at <= 35% of the best single model's cost; Q@50%: at <= 50% of the most "
+              "expensive model's cost; quality and Arena in %; 95% bootstrap CIs in brackets.")
 
 
 def format_table(res: dict) -> str:
     """Markdown table of the comparison (quality and arena in %, 95% bootstrap CIs in brackets)."""
-    head = "| router | " + " | ".join(c[0] for c in TABLE_COLUMNS) + " | fit s |"
-    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    cols = [c for c in TABLE_COLUMNS if any(np.isfinite(r["metrics"].get(c[1], np.nan))
+                                            for r in res["routers"].values())]
+    head = "| router | " + " | ".join(c[0] for c in cols) + " | options (CV-tuned*) | fit s |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
     for name, r in res["routers"].items():
         m, ci = r["metrics"], r["ci95"]
-        cells = [_fmt(m[k], ci.get(k), pct) for _, k, pct in TABLE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['fit_s']:.2f} |")
+        cells = [_fmt(m.get(k), ci.get(k), pct) for _, k, pct in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_options_cell(r)} | {r['fit_s']:.2f} |")
     singles = ", ".join(f"{m}: q={v['quality']:.3f}, ${v['cost']:.2e}/prompt" for m, v in res["single_models"].items())
-    return "\n".join(lines) + f"\n\nsingle models on the test split: {singles}"
+    return "\n".join(lines) + f"\n\n{TABLE_NOTE}\n\nsingle models on the test split: {singles}"
+
+
+def _options_cell(r: dict) -> str:
+    tuned = (r.get("tuning") or {}).get("chosen", {})
+    return ", ".join(f"{k}={v}*" for k, v in tuned.items()) or "-"
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def series_styles(n: int) -> list[dict]:
+    """Distinct (colour, line style, marker) for n series: tab20's 20 colours, then new line styles
+    and markers, so no two series look alike (tab10 repeated colours after 10)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    ls, mk = ["-", "--", ":", "-."], [".", "x", "+", "^"]
+    return [{"color": cmap(i % 20), "ls": ls[(i // 20) % 4], "marker": mk[(i // 20) % 4]} for i in range(n)]
+
+
+def _curves_png(res, plt) -> str:
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    names = list(res["routers"])
+    for st, name in zip(series_styles(len(names)), names):
+        r = res["routers"][name]
+        c, q = np.array(r["curve"]["cost"]), np.array(r["curve"]["quality"])
+        o = np.argsort(c)
+        ax.plot(c[o], q[o], ms=3, lw=1, label=name, **st)
+    for m, v in res["single_models"].items():
+        ax.scatter([v["cost"]], [v["quality"]], marker="*", s=120, zorder=5, color="black")
+        ax.annotate(m.split("/")[-1], (v["cost"], v["quality"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean cost per prompt (USD)")
+    ax.set_ylabel("mean quality")
+    ax.set_title(f"{res['dataset']}: cost–quality curves (test split)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside the axes
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _bars_png(res, plt) -> str:
+    have = {n: r["per_category_at_50pct_budget"] for n, r in res["routers"].items()
+            if r.get("per_category_at_50pct_budget")}
+    missing = [n for n, r in res["routers"].items() if not r.get("per_category_at_50pct_budget")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if have:
+        first = next(iter(have.values()))
+        cat_names = [c for c, _ in sorted(first.items(), key=lambda kv: -kv[1]["n"])[:20]]
+        wbar = 0.8 / len(have)
+        for i, (st, (name, pc)) in enumerate(zip(series_styles(len(have)), have.items())):
+            ax.bar(np.arange(len(cat_names)) + i * wbar, [pc[c]["quality"] for c in cat_names], wbar,
+                   label=name, color=st["color"])
+        ax.set_xticks(np.arange(len(cat_names)) + 0.4 - wbar / 2)
+        ax.set_xticklabels([c[:18] for c in cat_names], rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_ylabel("quality at 50% budget")
+    note = f"; not shown (cannot meet the 50% budget): {', '.join(missing)}" if missing else ""
+    ax.set_title("per-category quality at 50% of the most expensive model's cost" + note, fontsize=8)
+    out = _png(fig)
+    plt.close(fig)
+    return out
 
 
 def write_report(res: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -204,36 +370,7 @@ def write_report(res: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, r) in enumerate(res["routers"].items()):
-        c, q = np.array(r["curve"]["cost"]), np.array(r["curve"]["quality"])
-        o = np.argsort(c)
-        ax.plot(c[o], q[o], marker=".", ms=3, lw=1, ls=["-", "--", ":"][(i // 10) % 3], label=name)
-    for m, v in res["single_models"].items():
-        ax.scatter([v["cost"]], [v["quality"]], marker="*", s=120, zorder=5)
-        ax.annotate(m.split("/")[-1], (v["cost"], v["quality"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("mean cost per prompt (USD)")
-    ax.set_ylabel("mean quality")
-    ax.set_title(f"{res['dataset']}: cost–quality curves (test split)")
-    ax.legend(fontsize=7)
-    curves = _png(fig)
-    plt.close(fig)
-    first = next(iter(res["routers"].values()))
-    cats = sorted(first["per_category_at_50pct_budget"].items(), key=lambda kv: -kv[1]["n"])[:20]
-    cat_names = [c for c, _ in cats]
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(cat_names) * max(1, len(res["routers"])) / 3), 4.5))
-    wbar = 0.8 / max(1, len(res["routers"]))
-    for i, (name, r) in enumerate(res["routers"].items()):
-        vals = [r["per_category_at_50pct_budget"][c]["quality"] for c in cat_names]
-        ax.bar(np.arange(len(cat_names)) + i * wbar, vals, wbar, label=name)
-    ax.set_xticks(np.arange(len(cat_names)) + 0.4 - wbar / 2)
-    ax.set_xticklabels([c[:18] for c in cat_names], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("quality at 50% budget")
-    ax.set_title("per-category quality (largest categories)")
-    ax.legend(fontsize=7)
-    bars = _png(fig)
-    plt.close(fig)
+    curves, bars = _curves_png(res, plt), _bars_png(res, plt)
     table = format_table(res)
     doc = (f"<html><head><meta charset='utf-8'><title>moelab route compare: {html.escape(res['dataset'])}</title>"
            f"</head><body><h1>{html.escape(res['dataset'])}</h1><p>{res['n_train']} train / {res['n_test']} "

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
+from collections import Counter
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +41,36 @@ class threads:
     n = 1
     _controller = None
 
-    def __enter__(self):
-        import torch
-
-        if threads._controller is None:
+    @classmethod
+    def _libs(cls) -> list:
+        """The BLAS/OpenMP libraries' controllers, found once per process (enumerating them on
+        every call cost ~0.2 ms, a fifth of a one-prompt route)."""
+        if cls._controller is None:
             from threadpoolctl import ThreadpoolController
 
-            threads._controller = ThreadpoolController()
-        self._torch = torch.get_num_threads()
-        if self._torch != self.n:
-            torch.set_num_threads(self.n)
-        self._lim = threads._controller.limit(limits=self.n)
+            cls._controller = ThreadpoolController()
+        return cls._controller.lib_controllers
+
+    def __enter__(self):
+        self._prev = []
+        for lib in self._libs():
+            n = lib.get_num_threads()
+            self._prev.append(n)
+            if n != self.n:
+                lib.set_num_threads(self.n)
+        # torch is touched only when something already imported it (numpy routers never do)
+        self._t = sys.modules.get("torch")
+        self._torch = self._t.get_num_threads() if self._t is not None else None
+        if self._t is not None and self._torch != self.n:
+            self._t.set_num_threads(self.n)
         return self
 
     def __exit__(self, *exc):
-        import torch
-
-        self._lim.restore_original_limits()
-        if torch.get_num_threads() != self._torch:
-            torch.set_num_threads(self._torch)
+        for lib, n in zip(self._libs(), self._prev):
+            if n != self.n:
+                lib.set_num_threads(n)
+        if self._t is not None and self._t.get_num_threads() != self._torch:
+            self._t.set_num_threads(self._torch)
 
 
 def _texts_key(texts: list[str]) -> str:
@@ -91,7 +106,7 @@ class Featurizer:
                 np.save(path, _MEM_CACHE[key])
             return _MEM_CACHE[key]
         if path is not None and path.exists():
-            x_PD = np.load(path)
+            x_PD = np.load(path, allow_pickle=False)
         else:
             with threads():
                 x_PD = self._transform(texts).astype(np.float32)
@@ -108,31 +123,50 @@ class Featurizer:
         raise NotImplementedError
 
 
-def _tfidf_rows(analyzer, vocab: dict, idf_V: np.ndarray, texts: list[str]):
-    """sklearn's TfidfVectorizer(sublinear_tf=True, norm='l2').transform without its per-call
-    validation overhead (~20-30 ms per call, which dominated one-prompt routing):
-    (1 + log tf) * idf, then L2-normalised rows. Checked against sklearn in the tests."""
-    import scipy.sparse as sp
+_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 
-    indptr, indices, data = [0], [], []
-    for t in texts:
-        counts: dict[int, int] = {}
-        for tok in analyzer(t):
-            j = vocab.get(tok)
-            if j is not None:
-                counts[j] = counts.get(j, 0) + 1
-        idx = np.fromiter(counts.keys(), np.int64, len(counts))
-        val = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * idf_V[idx]
+
+def word_ngrams(text: str) -> list[str]:
+    """sklearn ``TfidfVectorizer(analyzer='word', ngram_range=(1, 2))``'s analyzer (lowercase,
+    default token pattern), reimplemented so routing needs no sklearn import; checked in the tests."""
+    toks = _TOKEN_RE.findall(text.lower())
+    return toks + [f"{a} {b}" for a, b in zip(toks, toks[1:])]
+
+
+def char_wb_ngrams(text: str, lo: int = 2, hi: int = 4) -> list[str]:
+    """sklearn's ``analyzer='char_wb'`` n-grams (each word padded with spaces; a word shorter
+    than n is counted once), reimplemented as above."""
+    out: list[str] = []
+    for w in text.lower().split():
+        w = f" {w} "
+        for n in range(lo, hi + 1):
+            if len(w) <= n:
+                out.append(w)
+                break
+            out.extend(w[i:i + n] for i in range(len(w) - n + 1))
+    return out
+
+
+def _counts(grams: list[str], vocab: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(vocabulary ids, counts) of the in-vocabulary grams (Counter and map run in C)."""
+    cnt = Counter(grams)
+    ids = np.fromiter(map(vocab.get, cnt.keys(), repeat(-1)), np.int64, len(cnt))
+    val = np.fromiter(cnt.values(), np.float64, len(cnt))
+    keep = ids >= 0
+    return ids[keep], val[keep]
+
+
+def _tfidf_row(text: str, parts) -> tuple[np.ndarray, np.ndarray]:
+    """One text's non-zero TF-IDF entries over the concatenated (word, char) vocabularies:
+    sklearn's sublinear_tf=True, norm='l2' per part, i.e. (1 + log tf) * idf, L2-normalised."""
+    idx_all, val_all = [], []
+    for analyzer, vocab, idf_V, offset in parts:
+        idx, cnt = _counts(analyzer(text), vocab)
+        val = (1.0 + np.log(cnt)) * idf_V[idx]
         nrm = np.sqrt((val * val).sum())
-        if nrm > 0:
-            val /= nrm
-        order = np.argsort(idx)
-        indices.append(idx[order])
-        data.append(val[order])
-        indptr.append(indptr[-1] + len(idx))
-    cat = lambda z, dt: np.concatenate(z).astype(dt) if z else np.zeros(0, dt)  # noqa: E731
-    return sp.csr_matrix((cat(data, np.float32), cat(indices, np.int64), np.array(indptr)),
-                         shape=(len(texts), len(idf_V)))
+        idx_all.append(idx + offset)
+        val_all.append(val / nrm if nrm > 0 else val)
+    return np.concatenate(idx_all), np.concatenate(val_all)
 
 
 class TfidfSvdFeaturizer(Featurizer):
@@ -142,8 +176,8 @@ class TfidfSvdFeaturizer(Featurizer):
 
     def __init__(self, dim: int = 128, max_features: int = 20000, seed: int = 0) -> None:
         self.dim, self.max_features, self.seed = dim, max_features, seed
-        self._vecs = None
         self.components_DV: np.ndarray | None = None
+        self._fp: str | None = None
 
     def _make_vecs(self, vocab_w=None, vocab_c=None):
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -168,42 +202,60 @@ class TfidfSvdFeaturizer(Featurizer):
         except ValueError:  # min_df=2 may empty the vocabulary on tiny corpora
             w.min_df = c.min_df = 1
             xw, xc = w.fit_transform(texts), c.fit_transform(texts)
-        self._vecs = (w, c)
-        self._fast = None
         x = sp.hstack([xw, xc]).tocsr()
         k = max(1, min(self.dim, x.shape[1] - 1, x.shape[0] - 1))
         svd = TruncatedSVD(n_components=k, random_state=self.seed, algorithm="randomized", n_iter=3)
         with threads():
             svd.fit(x)
-        self.components_DV = np.ascontiguousarray(svd.components_, dtype=np.float32)
-        self._comp_VD = None
+        self._set(dict(w.vocabulary_), dict(c.vocabulary_), w.idf_, c.idf_, svd.components_)
         return self
 
-    def _transform(self, texts: list[str]) -> np.ndarray:
-        import scipy.sparse as sp
+    def _set(self, vocab_w: dict, vocab_c: dict, idf_w, idf_c, components_DV) -> None:
+        """The fitted state (all that transform needs: no sklearn objects)."""
+        self.vocab_w = {k: int(v) for k, v in vocab_w.items()}
+        self.vocab_c = {k: int(v) for k, v in vocab_c.items()}
+        self.idf_w = np.asarray(idf_w, np.float64)
+        self.idf_c = np.asarray(idf_c, np.float64)
+        self.components_DV = np.ascontiguousarray(components_DV, dtype=np.float32)
+        self._comp_VD = np.ascontiguousarray(self.components_DV.T)
+        self._parts = [(word_ngrams, self.vocab_w, self.idf_w, 0),
+                       (char_wb_ngrams, self.vocab_c, self.idf_c, len(self.idf_w))]
+        self._fp = None
 
-        if self._vecs is None:
+    def _transform(self, texts: list[str]) -> np.ndarray:
+        if self.components_DV is None:
             raise MoelabError("TfidfSvdFeaturizer is not fitted; call fit(train_texts) first")
-        if getattr(self, "_fast", None) is None:
-            self._fast = [(v.build_analyzer(), v.vocabulary_, v.idf_.astype(np.float64)) for v in self._vecs]
-        x = sp.hstack([_tfidf_rows(a, voc, idf, texts) for a, voc, idf in self._fast]).tocsr()
-        if getattr(self, "_comp_VD", None) is None or self._comp_VD.shape[1] != self.components_DV.shape[0]:
-            self._comp_VD = np.ascontiguousarray(self.components_DV.T)  # scipy would copy a .T view per call
-        z_PD = np.asarray(x @ self._comp_VD)
+        z_PD = np.zeros((len(texts), self._comp_VD.shape[1]), np.float64)
+        if len(texts) <= 32:  # serving path: dense gather of the touched SVD rows, no scipy
+            for i, t in enumerate(texts):
+                idx, val = _tfidf_row(t, self._parts)
+                z_PD[i] = val @ self._comp_VD[idx]
+        else:
+            import scipy.sparse as sp
+
+            rows = [_tfidf_row(t, self._parts) for t in texts]
+            indptr = np.cumsum([0] + [len(r[0]) for r in rows])
+            cat = lambda k, dt: np.concatenate([r[k] for r in rows]).astype(dt) if rows else np.zeros(0, dt)  # noqa: E731
+            x = sp.csr_matrix((cat(1, np.float32), cat(0, np.int64), indptr), shape=(len(texts), len(self._comp_VD)))
+            z_PD = np.asarray(x @ self._comp_VD, np.float64)
         z_PD /= np.linalg.norm(z_PD, axis=1, keepdims=True) + 1e-8
         return z_PD
 
     def fingerprint(self) -> str:
+        """Hash of the fitted projection, computed once per fit/load (hashing the SVD matrix took
+        ~13 ms, which dominated one-prompt routing when it ran on every transform)."""
         if self.components_DV is None:
             raise MoelabError("TfidfSvdFeaturizer is not fitted; call fit(train_texts) first")
-        return "tfidf-" + hashlib.sha1(self.components_DV.tobytes()).hexdigest()[:16]
+        if self._fp is None:
+            self._fp = "tfidf-" + hashlib.sha1(self.components_DV.tobytes()).hexdigest()[:16]
+        return self._fp
 
     def state(self):
-        w, c = self._vecs
+        if self.components_DV is None:
+            raise MoelabError("TfidfSvdFeaturizer is not fitted; nothing to save")
         meta = {"kind": self.kind, "dim": self.dim, "max_features": self.max_features, "seed": self.seed,
-                "vocab_word": {k: int(v) for k, v in w.vocabulary_.items()},
-                "vocab_char": {k: int(v) for k, v in c.vocabulary_.items()}}
-        return meta, {"feat.idf_word": w.idf_.astype(np.float32), "feat.idf_char": c.idf_.astype(np.float32),
+                "vocab_word": self.vocab_w, "vocab_char": self.vocab_c}
+        return meta, {"feat.idf_word": self.idf_w.astype(np.float32), "feat.idf_char": self.idf_c.astype(np.float32),
                       "feat.components_DV": self.components_DV}
 
     def fit_cached(self, texts: list[str], cache_dir: str | Path | None) -> "TfidfSvdFeaturizer":
@@ -228,16 +280,10 @@ class TfidfSvdFeaturizer(Featurizer):
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict) -> "TfidfSvdFeaturizer":
+        """The saved vocabularies, idf and SVD projection reproduce the fitted transform exactly."""
         f = cls(meta["dim"], meta["max_features"], meta["seed"])
-        w, c = f._make_vecs(meta["vocab_word"], meta["vocab_char"])
-        # A fixed vocabulary plus the saved idf reproduce the fitted transform exactly.
-        w.fit(["x"]), c.fit(["x"])
-        w.idf_ = tensors["feat.idf_word"].astype(np.float64)
-        c.idf_ = tensors["feat.idf_char"].astype(np.float64)
-        f._vecs = (w, c)
-        f._fast = None
-        f.components_DV = tensors["feat.components_DV"]
-        f._comp_VD = None
+        f._set(meta["vocab_word"], meta["vocab_char"], tensors["feat.idf_word"], tensors["feat.idf_char"],
+               tensors["feat.components_DV"])
         return f
 
 
@@ -290,11 +336,15 @@ class LocalEmbeddingFeaturizer(Featurizer):
         return out
 
     def fingerprint(self) -> str:
-        h = hashlib.sha1(str(self.path.resolve()).encode())
-        for f in sorted(self.path.glob("*")):
-            if f.is_file():
-                h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        return "local-" + h.hexdigest()[:16]
+        """Path plus the files' names, sizes and mtimes, computed once (the folder is read-only
+        for the featurizer's lifetime)."""
+        if getattr(self, "_fp", None) is None:
+            h = hashlib.sha1(str(self.path.resolve()).encode())
+            for f in sorted(self.path.rglob("*")):
+                if f.is_file():
+                    h.update(f"{f.relative_to(self.path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+            self._fp = "local-" + h.hexdigest()[:16]
+        return self._fp
 
     def state(self):
         return {"kind": self.kind, "path": str(self.path.resolve())}, {}

@@ -7,8 +7,22 @@
   extended flat, so a single model's AIQ is its quality. In evaluation (``evaluate.py``) the
   single models' points are added to every router's hull, RouterBench's "zero router".
 - APGR and CPT(x%) (RouteLLM, arXiv:2406.18665, §5.1): quality against the fraction of calls to the
-  strong model; PGR(f) = (q(f) - q_weak) / (q_strong - q_weak); APGR = ∫_0^1 PGR(f) df (trapezoids
-  over the swept points, flat extension); CPT(x) = the smallest strong-call fraction with PGR >= x.
+  strong model; PGR(f) = (q(f) - q_weak) / (q_strong - q_weak); CPT(x) = the smallest strong-call
+  fraction with PGR >= x. Two conventions for APGR, both reported:
+
+  * ``apgr`` (moelab's): ∫_0^1 PGR(f) df over the whole [0, 1] range (trapezoids over the swept
+    points, extended flat outside them), so a router that never reaches 100% strong calls keeps
+    its last quality there.
+  * ``apgr_routellm`` (RouteLLM's ``evals/evaluate.py``): ``np.trapz`` of quality over the swept
+    points only, divided by the weak and strong models' areas over the same span
+    [f_min, f_max]; i.e. the mean PGR over the span the router reaches. Equal to ``apgr`` when the
+    sweep spans 0-100% strong calls; otherwise they differ (e.g. 0.551 vs 0.489 for a kNN router).
+
+- AIQ, two conventions, both reported: ``aiq`` adds the single models' points to the router's hull
+  (RouterBench's zero router: any mix with single models is realisable), so a router worse than
+  mixing single models scores exactly what the zero router scores; ``aiq_own_points`` uses the
+  router's own points only: flat above its dearest point (a larger budget may go unspent), zero
+  below its cheapest (no operating point is that cheap), so such a router scores below it.
 - Arena score (RouterArena, arXiv:2510.00202): (1 + β)·A·C / (β·A + C), β = 0.1, with
   C = (log2 c_max − log2 c) / (log2 c_max − log2 c_min), c in USD per 1k queries, c_max = 200,
   c_min = 0.0044 (C clipped to [0, 1]).
@@ -57,11 +71,15 @@ def _area(xs: np.ndarray, ys: np.ndarray, lo: float, hi: float) -> float:
     return float(np.sum((grid[1:] - grid[:-1]) * (vals[1:] + vals[:-1]) / 2))
 
 
-def aiq(cost_K, q_K, c_lo: float, c_hi: float) -> float:
-    """RouterBench's AIQ (see module docstring)."""
+def aiq(cost_K, q_K, c_lo: float, c_hi: float, below: str = "flat") -> float:
+    """RouterBench's AIQ (see module docstring). ``below``: the hull's value at costs under its
+    cheapest point: ``"flat"`` (that point's quality) or ``"zero"`` (nothing is achievable for less
+    than the cheapest operating point; used for ``aiq_own_points``)."""
     hc, hq = nondecreasing_hull(cost_K, q_K)
     if c_hi <= c_lo:
         return float(hull_value(hc, hq, np.array([c_lo]))[0])
+    if below == "zero" and hc[0] > c_lo:
+        hc, hq = np.concatenate([[c_lo, hc[0] * (1 - 1e-12)], hc]), np.concatenate([[0.0, 0.0], hq])
     return _area(hc, hq, c_lo, c_hi) / (c_hi - c_lo)
 
 
@@ -78,6 +96,21 @@ def apgr(frac_K, q_K, q_weak: float, q_strong: float) -> float:
         return float("nan")
     xs, ys = _frac_curve(frac_K, q_K)
     return (_area(xs, ys, 0.0, 1.0) - q_weak) / (q_strong - q_weak)
+
+
+def apgr_routellm(frac_K, q_K, q_weak: float, q_strong: float) -> float:
+    """RouteLLM's APGR exactly as ``routellm/evals/evaluate.py`` computes it: trapezoids over the
+    swept points sorted by strong-call fraction, normalised by the weak/strong areas over the same
+    span. Choice: points sharing a fraction keep the best quality (RouteLLM's sort leaves their
+    order unspecified). NaN if the sweep has a single fraction or the models tie."""
+    if q_strong == q_weak:
+        return float("nan")
+    xs, ys = _frac_curve(frac_K, q_K)
+    if len(xs) < 2:
+        return float("nan")
+    span = xs[-1] - xs[0]
+    auc = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+    return (auc - q_weak * span) / ((q_strong - q_weak) * span)
 
 
 def cpt(frac_K, q_K, q_weak: float, q_strong: float, target: float) -> float:
