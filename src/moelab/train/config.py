@@ -24,6 +24,7 @@ from moelab.models.config import ModelConfig
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
+RESUME_SCHEDULES = ("stretch", "continue")
 
 
 @dataclass(kw_only=True)
@@ -39,7 +40,11 @@ class TrainConfig:
     step, no update, no checkpoint) or "skip" (drop that step's update; stop after max_skipped_steps
     consecutive skips). collapse_window / collapse_ratio: warn when an MoE layer's load max/mean stays
     >= collapse_ratio * E/k, or an expert gets no tokens, for collapse_window steps (0 = off).
-    See moelab.train.monitor.
+    See moelab.train.monitor. log: live logging backends besides metrics.jsonl (always on), comma-separated
+    from "jsonl", "tensorboard", "wandb" (moelab.train.loggers); log_heatmap_every: steps between load
+    heatmap images there. resume_schedule: when ``--resume`` changes train.steps, "stretch" (default)
+    re-spreads the cosine over the new train.steps (the lr jumps up at the resume step), "continue" keeps
+    the checkpoint's schedule (past its end the lr stays at min_lr_ratio * lr).
     """
 
     steps: int = 1000
@@ -68,6 +73,9 @@ class TrainConfig:
     max_skipped_steps: int = 10
     collapse_window: int = 20
     collapse_ratio: float = 0.9
+    log: str = "jsonl"
+    log_heatmap_every: int = 100
+    resume_schedule: str = "stretch"
 
     def validate(self) -> "TrainConfig":
         check_field_types(self, "train")
@@ -87,6 +95,11 @@ class TrainConfig:
         check_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
         check_range("train.max_skipped_steps", self.max_skipped_steps, low=1)
         check_range("train.collapse_ratio", self.collapse_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_range("train.log_heatmap_every", self.log_heatmap_every, low=0)
+        check_choice("train.resume_schedule", self.resume_schedule, RESUME_SCHEDULES)
+        from moelab.train.loggers import parse_log_spec
+
+        parse_log_spec(self.log)
         return self
 
 
