@@ -199,12 +199,17 @@ def experts_vs_loss(per_layer: Sequence[tuple[int, dict]]) -> Any:
 
 
 def overlay_curves(runs: Sequence[tuple[str, Sequence[int], Sequence[float]]], xlabel: str, ylabel: str,
-                   title: str) -> Any:
-    """Several runs' curves on one axis (``moelab compare``)."""
+                   title: str, smooth: Any = None) -> Any:
+    """Several runs' curves on one axis (``moelab compare``). With ``smooth`` (a function of the values),
+    each run is drawn smoothed, its raw curve faint behind it in the same colour."""
     fig, ax = _single((7, 4))
     for i, (name, x, y) in enumerate(runs):
-        if len(x):
-            ax.plot(x, y, label=name, **style(i), linewidth=1.3)
+        if not len(x):
+            continue
+        if smooth is not None:
+            ax.plot(x, y, color=style(i)["color"], alpha=0.2, linewidth=0.8)
+            y = smooth(y)
+        ax.plot(x, y, label=name, **style(i), linewidth=1.3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
