@@ -147,9 +147,19 @@ def test_compare_runs(micro_run, tmp_path):
 
 
 def test_cli(micro_run, tmp_path, capsys, tiny_moe):
-    assert main(["analyze", str(micro_run), "--steps", "8", "--windows", "4"]) == 0
+    assert main(["analyze", str(micro_run), "--steps", "8", "--windows", "4", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"traced_steps": [\n  8\n ]' in out
+    summary = json.loads(out[:out.rindex("}") + 1])
+    assert main(["analyze", str(micro_run), "--steps", "4", "8", "--windows", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith("routing at step 8 (" + table[0].split("(", 1)[1]) and "checkpoints traced: 4, 8" in table[0]
+    assert table[1].split() == ["layer", "max/mean", "CV", "unused", "special.", "changed", "consec.", "SRP", "SCH"]
+    row0 = table[3].split()
+    layer0 = summary["analyses"]["8"]["layers"][0]  # same seed and windows: the same numbers as the JSON
+    assert row0[0] == "0" and float(row0[1]) == pytest.approx(layer0["max_over_mean"], abs=5e-4)
+    assert float(row0[4]) == pytest.approx(layer0["specialisation"], abs=5e-4)
+    assert len(table) < 12
     assert main(["compare", str(micro_run), str(micro_run), "--out", str(tmp_path / "cmp")]) == 0
     assert "| run |" in capsys.readouterr().out
     empty = tmp_path / "empty"

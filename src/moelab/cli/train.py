@@ -197,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         result = evaluate(run.model, data.tokens[args.split], run.tokenizer, data.splits.domains,
                           seq_len=run.config.data.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
-                          cache_dir=run.config.data.cache_dir)
+                          cache_dir=run.config.data.cache_dir, progress=not args.json)
     result = {"run": str(args.run), "step": run.step, "split": args.split, **result}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -115,7 +115,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[str], *, seq_len: int,
              batch_size: int, max_batches: int | None = None, device: torch.device | str = "cpu",
-             dtype: str = "float32", cache_dir: str | None = None) -> dict[str, Any]:
+             dtype: str = "float32", cache_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Token-weighted validation loss and perplexity, overall and per domain.
 
     Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
@@ -123,8 +123,10 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     eval mode, i.e. in their causal inference mode where they have one (expert-choice:
     token-choice); ``causal`` is False (and ``non_causal_layers`` names them) when some router has
     none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``): that number
-    then uses later tokens and is not a language-model perplexity.
+    then uses later tokens and is not a language-model perplexity. ``progress``: a tqdm bar (stderr).
     """
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -132,8 +134,9 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     nll = defaultdict(float)
     count = defaultdict(int)
     try:
-        for batch in eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
-                                  cache_dir=cache_dir):
+        for batch in tqdm(eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
+                                       cache_dir=cache_dir), desc="evaluating", unit="batch", disable=None if progress else True,
+                          leave=False):
             batch = batch.to(device)
             with autocast(device, dtype):
                 logits_BLV = model(batch.input_ids_BL).logits
