@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.data.corpus import DataConfig, atomic_write_bytes
-from moelab.errors import MoelabError, check_choice, check_range
+from moelab.errors import MoelabError, check_choice, check_range, did_you_mean
 from moelab.layers.config import MoEConfig
 from moelab.models.config import ModelConfig
 
@@ -246,7 +246,8 @@ def _resolve(cfg: RunConfig, key: str) -> tuple[Any, str]:
 def _get_field(obj: Any, name: str, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(obj)]
     if name not in names:
-        raise MoelabError(f"unknown config key {where}.{name!r}; valid keys of {where}: {', '.join(names)}")
+        raise MoelabError(f"unknown config key {where}.{name!r}{did_you_mean(name, names)}; "
+                          f"valid keys of {where}: {', '.join(names)}")
     return getattr(obj, name)
 
 
