@@ -68,3 +68,27 @@ def test_every_option_has_help_and_states_its_default():
                if not name.startswith(("route ",)) and
                (not h or (d not in (None, False, [], argparse.SUPPRESS) and "default" not in h))]
     assert missing == []
+
+
+def test_summary_labels_the_steps_each_metric_is_from():
+    from moelab.cli.train import format_metrics
+
+    s = {"val_ppl": 9.0, "val_loss": 2.2, "eval_step": 200, "per_domain": {}, "load_max_over_mean": 1.2,
+         "load_cv": 0.1, "balance_steps": [231, 250], "train_loss": 2.0, "step": 250, "steps": 600,
+         "tokens_per_s": 1000.0, "params_total": 10, "params_active": 5}
+    text = format_metrics(s)
+    assert "at step 200" in text and "mean of steps 231-250 (20 steps)" in text and "at step 250 of 600" in text
+    assert "last 50 steps" not in text
+    assert "no evaluation yet" in format_metrics({**s, "eval_step": None, "val_ppl": None})
+    assert "no steps this session" in format_metrics({**s, "balance_steps": None})
+
+
+def test_interrupted_run_summary_has_the_real_window(tmp_path, monkeypatch):
+    """A run stopped after 3 steps reports balance over steps 1-3, not 'the last 50'."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from train_micro import micro_config
+
+    from moelab.train.trainer import train
+
+    summary = train(micro_config(tmp_path, steps=20), tmp_path / "run", progress="off", until_step=3)
+    assert summary["balance_steps"] == [1, 3] and summary["step"] == 3
