@@ -117,8 +117,12 @@ def _summary_section(ra: RunAnalysis, s: "Section") -> None:
     if not diff:
         s.body.append(f"<p>Config: the <code>{html.escape(name)}</code> preset, unchanged.</p>")
         return
-    s.body.append(f"<h3>Config differences from the <code>{html.escape(name)}</code> preset</h3>"
-                  + table_html(["key", "this run", name], [[H.short_key(k), str(a), str(b)] for k, (a, b) in diff.items()]))
+    rows = [[H.short_key(k), str(a), str(b)] for k, (a, b) in diff.items()]
+    head = f"<h3>Config differences from the <code>{html.escape(name)}</code> preset ({len(rows)} keys)</h3>"
+    shown, rest = rows[:12], rows[12:]
+    s.body.append(head + table_html(["key", "this run", name], shown) + (
+        f"<details><summary>{len(rest)} more</summary>{table_html(['key', 'this run', name], rest)}</details>"
+        if rest else ""))
 
 
 def build_sections(ra: RunAnalysis) -> list[Section]:
