@@ -2,16 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PIN := torch==2.13.0
+# Override the torch build: `make install TORCH_PIN="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128`
+# (README, "Installing"). TORCH_INDEX empty = PyPI's default wheel for this platform.
+TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.moelab-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean wheel-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU wheel first: a bare `torch` requirement pulls several GB of CUDA packages.
-	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e '.[dev,hf,serve]'
 	touch $(STAMP)
 
@@ -28,6 +31,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	@for f in benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/route.py benchmarks/threads.py benchmarks/hf_interop.py; do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Build the wheel and sdist, install the wheel into a clean venv, run `moelab --version` and a forward.
+wheel-check: $(STAMP)
+	bash .ci/wheel_check $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

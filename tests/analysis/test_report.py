@@ -56,7 +56,7 @@ def test_report_has_every_section_and_image(report):
     expected = {"loss.png", "traj_load_cv.png", "load_heatmap.png", "domain_heatmap.png", "specialisation.png",
                 "coactivation.png", "stability_changed.png", "stability_saturation.png",
                 "geometry_router_hidden.png", "geometry_router_router.png", "consistency.png",
-                "experts_per_token_hist.png"}
+                }
     assert expected <= set(pngs)
     for p in page.parent.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,15 +91,45 @@ def test_report_html_is_well_formed(report):
     assert c.stack == []
 
 
-def test_report_headless_browser(report):
-    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if chromium is None:
-        pytest.skip("chromium is not installed")
+def _chromium():
+    from browser import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt-get where it can)")
+    return path
+
+
+def _check_renders(page):
+    from browser import render
+
+    got = render(page, _chromium())
+    assert got["images"] > 0 and got["broken"] == [], got
+    assert got["errors"] == [] and got["console"] == [], got
+    return got
+
+
+def test_report_renders_in_headless_chromium(report):
     _, page = report
-    r = subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "<section id=\"variable_k\">" in r.stdout or "<section id='variable_k'>" in r.stdout
+    got = _check_renders(page)
+    assert got["images"] == len(list(page.parent.glob("*.png")))
+
+
+def test_compare_renders_in_headless_chromium(micro_run, tmp_path):
+    other = _fake_copy(micro_run, tmp_path / "other", val_loss=1.5)
+    page, _ = write_comparison([micro_run, other], tmp_path / "cmp")
+    assert _check_renders(page)["images"] == 3
+
+
+def test_browser_probe_catches_a_broken_image(tmp_path):
+    """The probe is able to fail: a missing image and a console error are reported."""
+    from browser import render
+
+    page = tmp_path / "bad.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                    "<img src='missing.png' alt='gone'><script>console.error('boom')</script></body></html>")
+    got = render(page, _chromium())
+    assert got["broken"] == ["gone"] and got["console"] == ["boom"] and got["errors"]
 
 
 def test_report_without_traces_says_why(micro_run, tmp_path, capsys):
@@ -107,7 +137,7 @@ def test_report_without_traces_says_why(micro_run, tmp_path, capsys):
     text = (tmp_path / "rep" / "report.html").read_text()
     for sid in SECTION_IDS:
         assert f"<section id='{sid}'>" in text
-    assert text.count("Not available") == len(SECTION_IDS) - 4
+    assert text.count("Not available") == len(SECTION_IDS) - SECTION_IDS.index("specialisation")
 
 
 def _fake_copy(src: Path, dst: Path, **summary) -> Path:
@@ -147,9 +177,19 @@ def test_compare_runs(micro_run, tmp_path):
 
 
 def test_cli(micro_run, tmp_path, capsys, tiny_moe):
-    assert main(["analyze", str(micro_run), "--steps", "8", "--windows", "4"]) == 0
+    assert main(["analyze", str(micro_run), "--steps", "8", "--windows", "4", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"traced_steps": [\n  8\n ]' in out
+    summary = json.loads(out[:out.rindex("}") + 1])
+    assert main(["analyze", str(micro_run), "--steps", "4", "8", "--windows", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith("routing at step 8 (" + table[0].split("(", 1)[1]) and "checkpoints traced: 4, 8" in table[0]
+    assert table[1].split() == ["layer", "max/mean", "CV", "unused", "special.", "changed", "consec.", "SRP", "SCH"]
+    row0 = table[3].split()
+    layer0 = summary["analyses"]["8"]["layers"][0]  # same seed and windows: the same numbers as the JSON
+    assert row0[0] == "0" and float(row0[1]) == pytest.approx(layer0["max_over_mean"], abs=5e-4)
+    assert float(row0[4]) == pytest.approx(layer0["specialisation"], abs=5e-4)
+    assert len(table) < 12
     assert main(["compare", str(micro_run), str(micro_run), "--out", str(tmp_path / "cmp")]) == 0
     assert "| run |" in capsys.readouterr().out
     empty = tmp_path / "empty"
@@ -157,3 +197,62 @@ def test_cli(micro_run, tmp_path, capsys, tiny_moe):
     (empty / "config.json").write_text("{}")
     assert main(["analyze", str(empty)]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- what the report leads with
+
+
+def test_report_leads_with_the_summary(report):
+    ra, page = report
+    text = page.read_text()
+    summary = json.loads((ra.run_dir / "summary.json").read_text())
+    first = text.index("<section id='summary'>")
+    assert first < text.index("<section id='config'>") < text.index("<section id='loss'>")
+    lead = text[first:text.index("</section>", first)]
+    assert f"Validation perplexity <b>{summary['val_ppl']:.4g}</b> at step {summary['eval_step']}" in lead
+    for dom, v in summary["per_domain"].items():
+        assert f"{dom} <b>{v['ppl']:.4g}</b>" in lead
+    assert f"{summary['params_total']:,}" in lead and "load max/mean" in lead and "tokens/s" in lead
+    assert "Config differences from the" in lead and "<td class=\"l\">train.steps</td>" in lead
+    assert "<details><summary>config.json</summary>" in text  # the raw config is folded away
+
+
+def test_constant_series_are_stated_not_plotted(report):
+    _, page = report
+    text = page.read_text()
+    assert "traj_dropped_frac.png" not in text and "traj_experts_per_token.png" not in text
+    assert re.search(r"Constant over the whole run.*dropped fraction of slots = 0.*experts per token = 2", text)
+    assert "used exactly 2 experts" in text and "experts_per_token_hist.png" not in text
+
+
+def test_headline_helpers():
+    from moelab.analysis import headline as H
+
+    assert H.visible_whitespace(" def\n\tx") == "␣def↵⇥x"
+    assert not H.is_informative([0.0, 0.0]) and not H.is_informative([2, 2, 2]) and H.is_informative([1, 2])
+    assert H.config_diff({"train": {"lr": 1, "steps": 2}}, {"train": {"lr": 1, "steps": 3}}) == {"train.steps": (2, 3)}
+    a, b = {"model": {"moe": {"router": "softmax_topk", "k": 2}}}, {"model": {"moe": {"router": "sigmoid", "k": 2}}}
+    keys = H.differing_keys([a, b])
+    assert keys == ["model.moe.router"] and H.run_label("r1", b, keys) == "r1 (moe.router=sigmoid)"
+    y = [1.0, 3.0, 1.0, 3.0]
+    ema, acc, w = [], 0.0, 0.0  # oracle: the debiased EMA by hand, window 3 (alpha 0.5)
+    for v in y:
+        acc, w = 0.5 * acc + 0.5 * v, 0.5 * w + 0.5
+        ema.append(acc / w)
+    assert H.smooth(y, window=3).tolist() == pytest.approx(ema)
+
+
+def test_compare_labels_and_budget_warnings(micro_run, tmp_path):
+    other = _fake_copy(micro_run, tmp_path / "lr", step=4)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["train"]["lr"] = 0.5
+    (other / "config.json").write_text(json.dumps(cfg))
+    comp = compare_runs([micro_run, other])
+    assert comp.labels() == [f"{micro_run.name} (train.lr={json.loads((micro_run / 'config.json').read_text())['train']['lr']})",
+                             "lr (train.lr=0.5)"]
+    warns = comp.warnings()
+    assert len(warns) == 1 and warns[0].startswith("The runs differ in steps")
+    md = comp.to_markdown()
+    assert md.startswith("> warning: The runs differ in steps") and "| lr (train.lr=0.5) |" in md
+    assert compare_runs([micro_run, micro_run]).warnings() == []
+    assert "smoothed (EMA), raw values faint" in comp.to_html()

@@ -183,13 +183,14 @@ def pick_steps(steps: list[int], max_traces: int) -> list[int]:
 
 def analyze_run(run_dir: str | Path, *, steps: list[int] | None = None, max_traces: int = 3,
                 num_windows: int = 16, seed: int = 0, trace: bool = True, save: bool = True,
-                traces: dict[int, Trace] | None = None) -> RunAnalysis:
+                traces: dict[int, Trace] | None = None, progress: bool = False) -> RunAnalysis:
     """Analyse a run: training trajectories plus routing traces at chosen checkpoints.
 
     Traces are taken at ``steps`` (default: up to ``max_traces`` checkpoints spread over training,
     the last included) on the same seeded validation windows; already-saved traces in
     ``RUN/analysis/trace_step_XXXXXX.safetensors`` with the same seed are reused. ``traces`` passes
     traces directly (then nothing is traced). With ``trace=False`` only metrics.jsonl is used.
+    ``progress`` shows a tqdm bar over the checkpoints traced (on stderr).
     Stability is reported between consecutive traced checkpoints and against the last one.
     """
     run_dir = Path(run_dir)
@@ -208,7 +209,9 @@ def analyze_run(run_dir: str | Path, *, steps: list[int] | None = None, max_trac
         adir = run_dir / "analysis"
         cache: dict = {}
         try:
-            for s in chosen:
+            from tqdm.auto import tqdm
+
+            for s in tqdm(chosen, desc="tracing checkpoints", unit="ckpt", disable=None if progress else True, leave=False):
                 p = adir / f"trace_step_{s:06d}.safetensors"
                 tr = None
                 if p.is_file():  # reuse a saved trace only if it is of this very checkpoint and sample

@@ -4,6 +4,10 @@ Values come from each run's summary.json (balance there is the mean over MoE lay
 50 steps); a value missing there falls back to the last record of eval.jsonl (validation loss/ppl,
 per domain) or to metrics.jsonl (tokens/s: median over steps; balance: mean over MoE layers of the
 last logged step).
+
+Runs are labelled by what differs between their configs (``run (moe.router=..., train.lr=...)``), and
+the page and the markdown open with a warning when the runs' training tokens, steps or data differ.
+Train-loss curves are smoothed (debiased EMA) over their raw values drawn faint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis import headline as H
 from moelab.analysis import plots as P
 from moelab.analysis.analyses import load_run_records
 from moelab.analysis.report import CSS, table_html
@@ -50,6 +55,9 @@ class RunRow:
     params_total: int | None
     tokens_per_s: float | None
     curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
 
 
 def summarize_run(run_dir: str | Path, name: str | None = None) -> RunRow:
@@ -86,13 +94,24 @@ def summarize_run(run_dir: str | Path, name: str | None = None) -> RunRow:
         load_max_over_mean=_num(summary.get("load_max_over_mean"), layer_mean("load_max_over_mean")),
         params_active=_first(summary, "params_active", "params.active", "active_params"),
         params_total=_first(summary, "params_total", "params.total", "total_params"),
-        tokens_per_s=tps, curves=curves,
+        tokens_per_s=tps, curves=curves, config=config or {}, summary=summary or {}, metrics=metrics,
     )
 
 
 @dataclass
 class Comparison:
     rows: list[RunRow]
+
+    def differing(self) -> list[str]:
+        return H.differing_keys([r.config for r in self.rows])
+
+    def labels(self) -> list[str]:
+        keys = self.differing()
+        return [H.run_label(r.name, r.config, keys) for r in self.rows]
+
+    def warnings(self) -> list[str]:
+        return H.budget_warnings([r.name for r in self.rows], [r.config for r in self.rows],
+                                 [r.summary for r in self.rows], [r.metrics for r in self.rows])
 
     @property
     def domains(self) -> list[str]:
@@ -106,8 +125,8 @@ class Comparison:
 
     def table(self) -> list[list[Any]]:
         out = []
-        for r in self.rows:
-            row: list[Any] = [r.name, r.val_loss, r.val_ppl]
+        for r, label in zip(self.rows, self.labels()):
+            row: list[Any] = [label, r.val_loss, r.val_ppl]
             for d in self.domains:
                 v = r.per_domain.get(d, {})
                 row += [v.get("loss"), v.get("ppl")]
@@ -125,16 +144,19 @@ class Comparison:
         h = self.header()
         lines = ["| " + " | ".join(h) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(h))) + "|"]
         lines += ["| " + " | ".join(f(v) for v in row) + " |" for row in self.table()]
-        return "\n".join(lines)
+        return "\n".join([f"> warning: {w}" for w in self.warnings()] + ([""] if self.warnings() else []) + lines)
 
     def figures(self) -> list[tuple[str, bytes, str]]:
         figs = []
         for key, ylabel in (("train loss", "train loss (nats/token)"), ("val loss", "validation loss (nats/token)"),
                             ("mean load CV", "load CV, mean over MoE layers")):
-            runs = [(r.name, *r.curves[key]) for r in self.rows if r.curves.get(key) and r.curves[key][0]]
+            runs = [(lab, *r.curves[key]) for r, lab in zip(self.rows, self.labels())
+                    if r.curves.get(key) and r.curves[key][0]]
             if runs:
                 fname = key.replace(" ", "_") + ".png"
-                figs.append((fname, P.png_bytes(P.overlay_curves(runs, "training step", ylabel, key)), key))
+                smooth = H.smooth if key == "train loss" else None
+                cap = f"{key}: smoothed (EMA), raw values faint" if smooth else key
+                figs.append((fname, P.png_bytes(P.overlay_curves(runs, "training step", ylabel, key, smooth=smooth)), cap))
         return figs
 
     def to_html(self, figures: list[tuple[str, bytes, str]] | None = None) -> str:
@@ -143,6 +165,10 @@ class Comparison:
                        f"<figcaption>{html.escape(c)}</figcaption></figure>" for _, b, c in figures)
         return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moelab compare</title>"
                 f"<style>{CSS}</style></head><body><h1>moelab: run comparison</h1>"
+                + "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in self.warnings())
+                + (f"<p>Runs differ in: {html.escape(', '.join(H.short_key(k) for k in self.differing()))}.</p>"
+                   if self.differing() else "<p>The runs' configs are identical.</p>")
+                + 
                 f"<section id='table'>{table_html(self.header(), self.table())}</section>"
                 f"<section id='curves'>{imgs}</section></body></html>")
 

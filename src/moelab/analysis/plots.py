@@ -102,6 +102,17 @@ def trajectory(steps, values_SL, layer_ids: Sequence[int], ylabel: str, title: s
     return fig
 
 
+def _index_ticks(axis, n: int) -> None:
+    """Integer ticks on an expert axis: every index up to 16, else at most 9 integer positions."""
+    from matplotlib.ticker import MaxNLocator
+
+    if n <= 16:
+        axis.set_ticks(range(n))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    axis.set_tick_params(labelsize=8)
+
+
 def load_heatmaps(per_layer: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> Any:
     """Per layer, the share of routed slots of each expert over training (``(layer, steps, shares_SE)``)."""
     fig, axes = _grid(len(per_layer))
@@ -110,7 +121,8 @@ def load_heatmaps(per_layer: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> An
                        extent=(float(steps[0]), float(steps[-1]), f.shape[1] - 0.5, -0.5), vmin=0)
         ax.set_xlabel("training step")
         ax.set_ylabel("expert")
-        ax.set_title(f"layer {layer}: load share")
+        ax.set_title(f"layer {layer}", fontsize=10)
+        _index_ticks(ax.yaxis, f.shape[1])
         fig.colorbar(im, ax=ax, label="share of slots")
     return fig
 
@@ -121,13 +133,16 @@ def matrix_heatmaps(mats: Sequence[tuple[str, np.ndarray]], xlabel: str, ylabel:
     fig, axes = _grid(len(mats))
     for ax, (title, m) in zip(axes, mats):
         im = ax.imshow(m, aspect="auto", cmap=HEATMAP_CMAP, interpolation="nearest", vmin=vmin, vmax=vmax)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if xticklabels is not None:
+        _index_ticks(ax.yaxis, m.shape[0])
+        if xticklabels is None:
+            _index_ticks(ax.xaxis, m.shape[1])
+        else:
             ax.set_xticks(range(len(xticklabels)))
             long = len(xticklabels) > 4 or max(map(len, xticklabels)) > 8
-            ax.set_xticklabels(xticklabels, rotation=30 if long else 0, ha="right" if long else "center", fontsize=7)
+            ax.set_xticklabels(xticklabels, rotation=30 if long else 0, ha="right" if long else "center", fontsize=8)
         fig.colorbar(im, ax=ax, label=cbar)
     return fig
 
@@ -199,12 +214,17 @@ def experts_vs_loss(per_layer: Sequence[tuple[int, dict]]) -> Any:
 
 
 def overlay_curves(runs: Sequence[tuple[str, Sequence[int], Sequence[float]]], xlabel: str, ylabel: str,
-                   title: str) -> Any:
-    """Several runs' curves on one axis (``moelab compare``)."""
+                   title: str, smooth: Any = None) -> Any:
+    """Several runs' curves on one axis (``moelab compare``). With ``smooth`` (a function of the values),
+    each run is drawn smoothed, its raw curve faint behind it in the same colour."""
     fig, ax = _single((7, 4))
     for i, (name, x, y) in enumerate(runs):
-        if len(x):
-            ax.plot(x, y, label=name, **style(i), linewidth=1.3)
+        if not len(x):
+            continue
+        if smooth is not None:
+            ax.plot(x, y, color=style(i)["color"], alpha=0.2, linewidth=0.8)
+            y = smooth(y)
+        ax.plot(x, y, label=name, **style(i), linewidth=1.3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -1,7 +1,11 @@
 """`moelab report RUN`: a self-contained HTML report of a run's routing (plus the PNGs).
 
 The HTML embeds every figure as a base64 PNG and uses no script or external resource, so it
-opens offline. Sections (their ids are stable, tests check them): ``config``, ``loss``,
+opens offline. It leads with ``summary`` (the ten-second answer: final val perplexity overall and
+per domain, balance, tokens/s, parameters, and the config's differences from the nearest preset);
+then the plots; the raw config is folded away at the end of ``config``. Plots of a series that is
+constant for the run's settings are replaced by one line saying so. Sections (their ids are
+stable, tests check them): ``summary``, ``config``, ``loss``,
 ``balance``, ``load``, ``specialisation``, ``coactivation``, ``stability``, ``geometry``,
 ``consistency``, ``variable_k``. Trace-based sections say why they are empty when the run could
 not be traced.
@@ -18,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis import headline as H
 from moelab.analysis import metrics as M
 from moelab.analysis import plots as P
 from moelab.analysis.analyses import RunAnalysis, analyze_run
 
-SECTION_IDS = ["config", "loss", "balance", "load", "specialisation", "coactivation", "stability",
+SECTION_IDS = ["summary", "config", "loss", "balance", "load", "specialisation", "coactivation", "stability",
                "geometry", "consistency", "variable_k"]
 
 CSS = """
@@ -32,7 +37,9 @@ h1{border-bottom:2px solid #0072B2}h2{margin-top:2em;border-bottom:1px solid #cc
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#eef3f8}td.l,th.l{text-align:left}img{max-width:100%;display:block;margin:.5em 0}
 .paper{color:#555;font-style:italic}.missing{color:#D55E00}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-nav a{margin-right:1em}
+nav a{margin-right:1em}.lead{font-size:1.15em}.lead b{font-size:1.2em}.note{color:#555}
+.warn{background:#fff4e5;border-left:4px solid #E69F00;padding:.4em .8em}details{margin:.6em 0}
+summary{cursor:pointer;color:#0072B2}code.tok{background:#f0f0f0;padding:0 .2em}
 """
 
 
@@ -77,7 +84,7 @@ def _decoder(run_dir: Path):
             dec = lambda i: tok.decode([i])  # noqa: E731
         except Exception:  # noqa: BLE001
             dec = None
-    return (lambda i: repr(dec(i))[1:-1] if dec else f"#{i}") if dec else (lambda i: f"#{i}")
+    return (lambda i: H.visible_whitespace(dec(i))) if dec else (lambda i: f"#{i}")
 
 
 def _missing(ra: RunAnalysis) -> str:
@@ -85,30 +92,64 @@ def _missing(ra: RunAnalysis) -> str:
     return f'<p class="missing">Not available: {html.escape(why)}</p>'
 
 
+def _summary_section(ra: RunAnalysis, s: "Section") -> None:
+    """The ten-second answer, from summary.json (falling back to the last eval record)."""
+    summ = ra.summary_json or {}
+    ev = ra.evals[-1] if ra.evals else {}
+    ppl, step = summ.get("val_ppl", ev.get("val_ppl")), summ.get("eval_step", ev.get("step"))
+    pd = summ.get("per_domain") or ev.get("per_domain") or {}
+    dom = ", ".join(f"{html.escape(d)} <b>{_fmt(v.get('ppl'))}</b>" for d, v in pd.items())
+    at = f" at step {step}" if step is not None else ""
+    s.body.append(f"<p class='lead'>Validation perplexity <b>{_fmt(ppl)}</b>{at}" + (f" ({dom})" if dom else "")
+                  + f" after {H.fmt_num(summ.get('step'))} of {H.fmt_num(summ.get('steps'))} steps.</p>")
+    span = summ.get("balance_steps")
+    over = f"steps {span[0]}–{span[1]}" if span else "the last steps"
+    rows = [["load max/mean", summ.get("load_max_over_mean"), f"1 = perfect balance; mean over MoE layers, {over}"],
+            ["load CV", summ.get("load_cv"), "std/mean of expert loads, same steps"],
+            ["tokens/s", summ.get("tokens_per_s"), "training throughput, last session"],
+            ["parameters", H.fmt_num(summ.get("params_total")), f"{H.fmt_num(summ.get('params_active'))} active per token"]]
+    s.body.append(table_html(["quantity", "value", "what it means"], rows))
+    for w in summ.get("warnings") or []:
+        s.body.append(f"<p class='warn'>{html.escape(w)}</p>")
+    name, diff = H.nearest_preset(ra.config or {})
+    if name is None:
+        return
+    if not diff:
+        s.body.append(f"<p>Config: the <code>{html.escape(name)}</code> preset, unchanged.</p>")
+        return
+    rows = [[H.short_key(k), str(a), str(b)] for k, (a, b) in diff.items()]
+    head = f"<h3>Config differences from the <code>{html.escape(name)}</code> preset ({len(rows)} keys)</h3>"
+    shown, rest = rows[:12], rows[12:]
+    s.body.append(head + table_html(["key", "this run", name], shown) + (
+        f"<details><summary>{len(rest)} more</summary>{table_html(['key', 'this run', name], rest)}</details>"
+        if rest else ""))
+
+
 def build_sections(ra: RunAnalysis) -> list[Section]:
     secs = {sid: Section(sid, t) for sid, t in [
-        ("config", "Run configuration and parameters"), ("loss", "Loss curves"),
+        ("summary", "Summary"), ("config", "Raw configuration and summary.json"), ("loss", "Loss curves"),
         ("balance", "Balance over training"), ("load", "Expert load over training"),
         ("specialisation", "Domain specialisation"), ("coactivation", "Expert co-activation"),
         ("stability", "Routing stability between checkpoints"), ("geometry", "Router–expert geometry"),
         ("consistency", "Routing consistency across tokens and layers"),
         ("variable_k", "Experts per token"),
     ]}
-    # ---- config
+    _summary_section(ra, secs["summary"])
+    # ---- config (folded away: the summary above has what differs)
     s = secs["config"]
     summ = ra.summary_json or {}
     rows = [[k, v] for k, v in summ.items() if not isinstance(v, (dict, list))]
-    if rows:
-        s.body.append("<h3>Summary</h3>" + table_html(["quantity", "value"], rows))
     pd = summ.get("per_domain") or {}
+    body = table_html(["key", "value"], rows) if rows else ""
     if pd:
-        s.body.append(table_html(["domain", "val loss", "val ppl"],
-                                 [[d, v.get("loss"), v.get("ppl")] for d, v in pd.items()]))
-    s.body.append("<h3>Config</h3><pre>" + html.escape(json.dumps(ra.config, indent=1, default=str)) + "</pre>")
+        body += table_html(["domain", "val loss", "val ppl"], [[d, v.get("loss"), v.get("ppl")] for d, v in pd.items()])
+    s.body.append(f"<details><summary>summary.json ({len(rows)} values)</summary>{body}</details>")
+    s.body.append("<details><summary>config.json</summary><pre>"
+                  + html.escape(json.dumps(ra.config, indent=1, default=str)) + "</pre></details>")
     # ---- loss
     s = secs["loss"]
     if ra.metrics or ra.evals:
-        s.images.append(("loss.png", P.png_bytes(P.loss_curves(ra.metrics, ra.evals)), "Training and validation loss."))
+        s.images.append(("loss.png", P.png_bytes(P.loss_curves(ra.metrics, ra.evals)), f"{len(ra.metrics)} training steps; validation at {len(ra.evals)} evaluations."))
     else:
         s.body.append('<p class="missing">metrics.jsonl and eval.jsonl are empty.</p>')
     # ---- balance trajectories
@@ -120,9 +161,17 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
               "dropped_frac": "dropped fraction of slots", "router_entropy": "router entropy (nats)",
               "experts_per_token": "experts per token", "unused_experts": "unused experts",
               "bias_norm": "aux-free bias L2 norm"}
+    flat = []
     for key, d in traj.items():
+        if not H.is_informative(d["values"]):
+            flat.append(f"{labels[key]} = {_fmt(H.constant_value(d['values']))}")
+            continue
         s.images.append((f"traj_{key}.png", P.png_bytes(P.trajectory(d["steps"], d["values"], layer_ids, labels[key],
-                                                                    labels[key] + " per MoE layer")), labels[key]))
+                                                                    labels[key] + " per MoE layer")),
+                         f"One line per MoE layer, every logged step ({len(d['steps'])} steps)."))
+    if flat:
+        s.body.append("<p class='note'>Constant over the whole run in every layer (not plotted): "
+                      + html.escape("; ".join(flat)) + ".</p>")
     if not traj:
         s.body.append('<p class="missing">No per-layer routing statistics in metrics.jsonl.</p>')
     # ---- load heatmaps
@@ -137,7 +186,7 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
 
     traced = sorted(ra.trace_results)
     if not traced:
-        for sid in SECTION_IDS[4:]:
+        for sid in SECTION_IDS[SECTION_IDS.index("specialisation"):]:
             secs[sid].body.append(_missing(ra))
         return [secs[i] for i in SECTION_IDS]
     last = ra.trace_results[traced[-1]]
@@ -158,9 +207,10 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
         [x["layer"] for x in L], series, "normalised MI", "Specialisation score per layer", (0, 1))),
         "Specialisation score per layer at each traced checkpoint."))
     for x in L:
-        rows = [[f"expert {e}", int(x["counts"][e]), ", ".join(f"{dec(i)} ({c}, {sh:.0%})" for i, c, sh in tt)]
+        rows = [[f"expert {e}", int(x["counts"][e]), ", ".join(f"‹{dec(i)}› ({c}, {sh:.0%})" for i, c, sh in tt)]
                 for e, tt in enumerate(x["top_tokens"])]
-        s.body.append(f"<h3>Layer {x['layer']}: top tokens per expert (token (count, share of its occurrences))</h3>"
+        s.body.append(f"<h3>Layer {x['layer']}: top tokens per expert</h3><p class='note'>‹token› (count, share of "
+                      "the token's occurrences routed here); ␣ is a space, ↵ a newline, ⇥ a tab.</p>"
                       + table_html(["expert", "slots", "top tokens"], rows))
     # ---- co-activation
     s = secs["coactivation"]
@@ -221,10 +271,16 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     # ---- variable k
     s = secs["variable_k"]
     s.paper = 'Cf. "Harder Tasks Need More Experts: Dynamic Routing in MoE Models" (top-p routing).'
-    s.images.append(("experts_per_token_hist.png", P.png_bytes(P.per_expert_bars(
-        [(x["layer"], np.asarray(x["experts_per_token_hist"], float) / max(1, int(np.sum(x["experts_per_token_hist"]))))
-         for x in L], "share of tokens", "experts per token", xlabel="experts used by the token")),
-        "Distribution of the number of experts per token (x axis: number of experts)."))
+    used = {int(np.flatnonzero(np.asarray(x["experts_per_token_hist"]))[0]) for x in L
+            if np.count_nonzero(x["experts_per_token_hist"]) == 1}
+    if len(used) == 1 and all(np.count_nonzero(x["experts_per_token_hist"]) == 1 for x in L):
+        s.body.append(f"<p class='note'>Every traced token used exactly {used.pop()} experts in every layer "
+                      "(fixed k): no distribution to plot.</p>")
+    else:
+        s.images.append(("experts_per_token_hist.png", P.png_bytes(P.per_expert_bars(
+            [(x["layer"], np.asarray(x["experts_per_token_hist"], float) / max(1, int(np.sum(x["experts_per_token_hist"]))))
+             for x in L], "share of tokens", "experts per token", xlabel="experts used by the token")),
+            f"Traced tokens at step {step}; x axis: number of experts a token used."))
     evl = [(x["layer"], x["experts_vs_loss"]) for x in L if "experts_vs_loss" in x]
     if evl:
         s.images.append(("experts_vs_loss.png", P.png_bytes(P.experts_vs_loss(evl)),

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true", help="adapter lora: also write DIR/merged, the base with the "
                    "LoRA folded in (a run directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
-    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
+                   help="training progress: a bar on a terminal, log lines otherwise")
     p.set_defaults(func=cmd_finetune)
 
 

@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         result = evaluate(run.model, data.tokens[args.split], run.tokenizer, data.splits.domains,
                           seq_len=run.config.data.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
-                          cache_dir=run.config.data.cache_dir)
+                          cache_dir=run.config.data.cache_dir, progress=not args.json)
     result = {"run": str(args.run), "step": run.step, "split": args.split, **result}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -307,15 +307,25 @@ def _f(x: Any, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _window(s: dict[str, Any]) -> str:
+    """Which steps the balance numbers average over (as many as there were, up to 50)."""
+    span = s.get("balance_steps")
+    if not span:
+        return "no steps this session"
+    n = span[1] - span[0] + 1
+    return f"step {span[0]}" if n == 1 else f"mean of steps {span[0]}-{span[1]} ({n} steps)"
+
+
 def format_metrics(s: dict[str, Any]) -> str:
-    rows = [("val perplexity (all)", _f(s.get("val_ppl"), ".2f"), f"loss {_f(s.get('val_loss'), '.4f')}")]
+    at = f"at step {s['eval_step']}" if s.get("eval_step") is not None else "no evaluation yet"
+    rows = [("val perplexity (all)", _f(s.get("val_ppl"), ".2f"), f"loss {_f(s.get('val_loss'), '.4f')}, {at}")]
     for d, r in (s.get("per_domain") or {}).items():
         rows.append((f"val perplexity ({d})", _f(r.get("ppl"), ".2f"), f"loss {_f(r.get('loss'), '.4f')}"))
     rows += [
-        ("load max/mean", _f(s.get("load_max_over_mean"), ".3f"), "mean over MoE layers, last 50 steps"),
-        ("load CV", _f(s.get("load_cv"), ".3f"), "std/mean of expert loads"),
+        ("load max/mean", _f(s.get("load_max_over_mean"), ".3f"), f"MoE layers, {_window(s)}"),
+        ("load CV", _f(s.get("load_cv"), ".3f"), "std/mean of expert loads, same steps"),
         ("tokens/s", _f(s.get("tokens_per_s"), ",.0f"), "training, this session"),
-        ("train loss", _f(s.get("train_loss"), ".4f"), f"step {s.get('step')}/{s.get('steps')}"),
+        ("train loss", _f(s.get("train_loss"), ".4f"), f"at step {s.get('step')} of {s.get('steps')}"),
         ("parameters", f"{s.get('params_total', 0):,}", f"{s.get('params_active', 0):,} active per token"),
     ]
     return _table(["metric", "value", "note"], rows)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from moelab.data.corpus import DataConfig, atomic_write_bytes
-from moelab.errors import MoelabError, check_choice, check_range
+from moelab.errors import MoelabError, check_choice, check_range, did_you_mean
 from moelab.layers.config import MoEConfig
 from moelab.models.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
+RESUME_SCHEDULES = ("stretch", "continue")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,11 @@ class TrainConfig:
     init_from: a run directory (trained or imported from Hugging Face) whose newest checkpoint and
     tokenizer start this run (``moelab train --init-from RUN``). only: "all" trains every parameter,
     "routers" only the MoE routers (experts, attention, embeddings frozen; Router-Tuning style).
+    log: live logging backends besides metrics.jsonl (always on), comma-separated
+    from "jsonl", "tensorboard", "wandb" (moelab.train.loggers); log_heatmap_every: steps between load
+    heatmap images there. resume_schedule: when ``--resume`` changes train.steps, "stretch" (default)
+    re-spreads the cosine over the new train.steps (the lr jumps up at the resume step), "continue" keeps
+    the checkpoint's schedule (past its end the lr stays at min_lr_ratio * lr).
     """
 
     steps: int = 1000
@@ -73,6 +79,9 @@ class TrainConfig:
     collapse_ratio: float = 0.9
     init_from: str | None = None
     only: str = "all"
+    log: str = "jsonl"
+    log_heatmap_every: int = 100
+    resume_schedule: str = "stretch"
 
     def validate(self) -> "TrainConfig":
         check_field_types(self, "train")
@@ -93,6 +102,11 @@ class TrainConfig:
         check_range("train.max_skipped_steps", self.max_skipped_steps, low=1)
         check_range("train.collapse_ratio", self.collapse_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_choice("train.only", self.only, ("all", "routers"))
+        check_range("train.log_heatmap_every", self.log_heatmap_every, low=0)
+        check_choice("train.resume_schedule", self.resume_schedule, RESUME_SCHEDULES)
+        from moelab.train.loggers import parse_log_spec
+
+        parse_log_spec(self.log)
         return self
 
 
@@ -269,7 +283,8 @@ def _resolve(cfg: RunConfig, key: str) -> tuple[Any, str]:
 def _get_field(obj: Any, name: str, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(obj)]
     if name not in names:
-        raise MoelabError(f"unknown config key {where}.{name!r}; valid keys of {where}: {', '.join(names)}")
+        raise MoelabError(f"unknown config key {where}.{name!r}{did_you_mean(name, names)}; "
+                          f"valid keys of {where}: {', '.join(names)}")
     return getattr(obj, name)
 
 

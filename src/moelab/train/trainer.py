@@ -30,6 +30,7 @@ completed step before returning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
@@ -52,6 +53,7 @@ from moelab.models.transformer import MoETransformer
 from moelab.train import checkpoint as ckpt
 from moelab.train.config import RunConfig
 from moelab.data.corpus import atomic_write_bytes
+from moelab.train.loggers import Loggers, check_backends
 from moelab.train.metrics import JsonlLog, jsonable, read_jsonl, truncate_after
 from moelab.train.monitor import CollapseMonitor, TrainingDiverged, above_uniform_message, is_finite, nonfinite_message
 from moelab.train.progress import Progress
@@ -113,7 +115,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[str], *, seq_len: int,
              batch_size: int, max_batches: int | None = None, device: torch.device | str = "cpu",
-             dtype: str = "float32", cache_dir: str | None = None) -> dict[str, Any]:
+             dtype: str = "float32", cache_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Token-weighted validation loss and perplexity, overall and per domain.
 
     Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
@@ -123,7 +125,10 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     some router has none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``):
     that number then uses later tokens and is not a language-model perplexity. ``val_loss_se``:
     bootstrap standard error over the evaluation windows (:mod:`moelab.train.evalnoise`).
+    ``progress``: a tqdm bar (stderr).
     """
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -133,8 +138,9 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     win_nll: list[float] = []
     win_count: list[int] = []
     try:
-        for batch in eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
-                                  cache_dir=cache_dir):
+        for batch in tqdm(eval_batches(docs, tokenizer, seq_len, batch_size, domains, max_batches=max_batches,
+                                       cache_dir=cache_dir), desc="evaluating", unit="batch", disable=None if progress else True,
+                          leave=False):
             batch = batch.to(device)
             with autocast(device, dtype):
                 logits_BLV = model(batch.input_ids_BL).logits
@@ -211,11 +217,13 @@ def _grad_norm(model: torch.nn.Module, clip: float) -> float:
 
 
 def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: TrainStream,
-            warn: Callable[[str], None]) -> tuple[int, int]:
-    """Load the newest valid checkpoint (moving corrupt newer ones aside); returns (step, tokens_seen)."""
+            warn: Callable[[str], None]) -> tuple[int, int, dict | None]:
+    """Load the newest valid checkpoint (moving corrupt newer ones aside); returns (step, tokens_seen,
+    the lr schedule it was trained with)."""
     root = run_dir / CKPT_DIR
     found = ckpt.read_newest_valid(root, warn=warn)
     step = tokens = 0
+    schedule = None
     if found is not None:
         path, (model_sd, optim_sd, state) = found
         for _, p in ckpt.list_checkpoints(root):
@@ -231,9 +239,29 @@ def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         stream.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state.get("tokens_seen", 0))
+        schedule = state.get("schedule")
     for name in (METRICS_FILE, EVAL_FILE):
         truncate_after(run_dir / name, step, warn=warn)
-    return step, tokens
+    return step, tokens, schedule
+
+
+def schedule_for_resume(tcfg, saved: dict | None, step: int, write: Callable[[str], None]):
+    """The TrainConfig whose ``steps`` the lr schedule follows after resuming at ``step``.
+
+    Unchanged train.steps: ``tcfg``. Changed (extending or shortening a run): ``train.resume_schedule``
+    "stretch" re-spreads the cosine over the new train.steps; "continue" keeps the checkpoint's (past
+    its end the lr stays at its minimum). Either way one log line says what the lr does."""
+    old = int(saved.get("steps", tcfg.steps)) if saved else tcfg.steps
+    if old == tcfg.steps or step == 0:
+        return tcfg
+    before = dataclasses.replace(tcfg, steps=old)
+    sched = tcfg if tcfg.resume_schedule == "stretch" else before
+    how = (f"the cosine is re-stretched over {tcfg.steps} steps" if sched is tcfg
+           else f"the checkpoint's {old}-step schedule continues")
+    write(f"resume: train.steps {old} -> {tcfg.steps}, train.resume_schedule={tcfg.resume_schedule!r}: {how}; "
+          f"lr {lr_at(step, before):.3g} at step {step} -> {lr_at(step + 1, sched):.3g} at step {step + 1} "
+          f"(set train.resume_schedule={'continue' if sched is tcfg else 'stretch'!r} for the other behaviour)")
+    return sched
 
 
 class _Health:
@@ -352,6 +380,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     if init_from is not None:
         cfg.train.init_from = str(init_from)
     cfg.validate()
+    check_backends(cfg.train.log)  # a missing tensorboard/wandb fails before anything is written
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tcfg = cfg.train
     if tcfg.threads:
@@ -393,14 +422,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         early.append(f"warning: corpus file {name!r} is not valid UTF-8 ({what})")
     for name in ckpt.clean_stale(run_dir / CKPT_DIR):
         early.append(f"removed the stale checkpoint folder {name} (left by an interrupted save)")
-    step, tokens_seen = 0, 0
+    step, tokens_seen, sched = 0, 0, tcfg
     if resume:
-        step, tokens_seen = _resume(run_dir, model, optimizer, stream, early.append)
+        step, tokens_seen, saved_schedule = _resume(run_dir, model, optimizer, stream, early.append)
+        sched = schedule_for_resume(tcfg, saved_schedule, step, early.append)
     fwd = torch.compile(model) if tcfg.compile else model
     params = model.num_parameters()
     has_val = len(data.tokens["val"].tokens) > 0
 
     metrics, evals = JsonlLog(run_dir / METRICS_FILE), JsonlLog(run_dir / EVAL_FILE)
+    live = Loggers(tcfg.log, run_dir, cfg.to_dict(), tcfg.log_heatmap_every)  # TensorBoard / W&B, if chosen
     last = until_step if until_step is not None else tcfg.steps
     bar = Progress(tcfg.steps, step, mode=progress, log_every=tcfg.log_every)
     for msg in early:
@@ -419,9 +450,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     health = _Health(tcfg, cfg.model.vocab_size, model)
 
     def save(at: dict) -> None:
-        extra = {"data": at["data"], "tokens_seen": at["tokens_seen"], "lr": lr_at(max(at["step"], 1), tcfg),
+        extra = {"data": at["data"], "tokens_seen": at["tokens_seen"], "lr": lr_at(max(at["step"], 1), sched),
                  "schedule": {"kind": "warmup_cosine", "lr": tcfg.lr, "warmup_steps": tcfg.warmup_steps,
-                              "steps": tcfg.steps, "min_lr_ratio": tcfg.min_lr_ratio}}
+                              "steps": sched.steps, "min_lr_ratio": tcfg.min_lr_ratio}}
         ckpt.save_checkpoint(run_dir / CKPT_DIR, at["step"], model, optimizer, extra,
                              keep_last=tcfg.keep_last, rng=at["rng"])
 
@@ -433,6 +464,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                           device=device, dtype=tcfg.dtype, cache_dir=cfg.data.cache_dir)
         result = {"step": at_step, **result}
         evals.write(result)
+        live.log_eval(result)
         bar.write(f"eval step {at_step}: val_loss={result['val_loss']:.4f} val_ppl={result['val_ppl']:.2f}")
         return result
 
@@ -440,7 +472,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         model.train()
         while step < last and not stop["stop"]:
             t0 = time.perf_counter()
-            lr = lr_at(step + 1, tcfg)
+            lr = lr_at(step + 1, sched)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             buffers = health.snapshot()
@@ -469,6 +501,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 for w in warns:
                     bar.write(w)
             metrics.write(record)
+            live.log_step(record)
             recent = (recent + [record])[-50:]
             good = {"rng": ckpt.rng_state(), "data": stream.state_dict(), "step": step, "tokens_seen": tokens_seen}
             bar.update(step, loss=record["loss"], tok_s=record["tokens_per_s"], lr=lr)
@@ -485,6 +518,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                                                    session_time, False, health.warnings),
                                         "error": str(e), "diverged_at_step": health.diverged_at})
         evals.close()
+        live.close()
         bar.close()
         raise
     finally:
@@ -500,6 +534,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             health.check_eval(last_eval, bar.write)
     finally:
         evals.close()
+        live.close()
         bar.close()
     summary = _summary(run_dir, cfg, step, params, last_eval, recent, session_tokens, session_time, interrupted,
                        health.warnings)
@@ -528,6 +563,7 @@ def _summary(run_dir: Path, cfg: RunConfig, step: int, params: dict, last_eval: 
         "tokens_per_s": session_tokens / session_time if session_time else None,
         "train_time_s": session_time,
         "load_max_over_mean": mean("load_max_over_mean"), "load_cv": mean("load_cv"),
+        "balance_steps": [recent[0]["step"], recent[-1]["step"]] if recent else None,
         "params_total": params["total"], "params_active": params["active"],
         "warnings": list(warnings or []),
     }
