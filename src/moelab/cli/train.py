@@ -11,12 +11,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from moelab.cli.main import MoelabParser
 from moelab.errors import MoelabError
 
 _DEFAULT_RUN_DIR = "runs/{preset}-{time}"
 
 
-class _OverrideParser(argparse.ArgumentParser):
+class _OverrideParser(MoelabParser):
     """A sub-parser that hands every unknown ``--section.field VALUE`` / ``section.field=VALUE``
     argument to the command as ``args.overrides`` (checked against the config's keys there)."""
 
@@ -65,7 +66,7 @@ config overrides (applied after --preset and --config, in order):
 
 def _add_override_help(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = _OVERRIDES_EPILOG + _keys_help()
+    p.epilog = lambda: _OVERRIDES_EPILOG + _keys_help()  # built only when help is printed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
