@@ -163,3 +163,10 @@ def test_cache_overflow_is_refused():
     model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
     with pytest.raises(MoelabError, match="3 of 4 positions; 2 more"):
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+
+
+def test_generate_restores_moe_statistics_for_later_forwards():
+    model = model_for()
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0)
+    model(torch.zeros(1, 3, dtype=torch.long))
+    assert all(layer.track_stats and layer.last_stats["counts"] for _, layer in model.moe_layers())

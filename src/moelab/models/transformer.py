@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -350,15 +351,20 @@ class MoETransformer(nn.Module):
 
         gen.check_generate_args(input_ids_BL, max_new_tokens, temperature, top_k, eos_id, self.cfg.vocab_size)
         B, L0 = input_ids_BL.shape
-        n_ctx = self.cfg.max_seq_len
-        gen.plan_length(L0, max_new_tokens, n_ctx, sliding_window)
-        room = min(n_ctx, L0 + max_new_tokens - 1)  # the last new token is never fed back
+        gen.plan_length(L0, max_new_tokens, self.cfg.max_seq_len, sliding_window)
+        room = min(self.cfg.max_seq_len, L0 + max_new_tokens - 1)  # the last new token is never fed back
         cache = gen.KVCache.for_model(self, B, room) if use_cache and 0 < max_new_tokens and L0 <= room else None
-        ids_BL, feed_BL = input_ids_BL, input_ids_BL[:, -n_ctx:]
-        done_B = torch.zeros(B, dtype=torch.bool, device=ids_BL.device)
+        sample = partial(gen.sample_next, temperature=temperature, top_k=top_k, generator=generator)
+        with gen.untracked_moe_layers(self):
+            return self._decode(input_ids_BL, max_new_tokens, cache, sample, eos_id)
+
+    def _decode(self, ids_BL: Tensor, max_new_tokens: int, cache, sample, eos_id: int | None) -> Tensor:
+        """``generate``'s loop: feed, sample, append; a full cache gives way to the sliding window."""
+        n_ctx = self.cfg.max_seq_len
+        feed_BL = ids_BL[:, -n_ctx:]
+        done_B = torch.zeros(ids_BL.shape[0], dtype=torch.bool, device=ids_BL.device)
         for _ in range(max_new_tokens):
-            logits_BV = self(feed_BL, kv_cache=cache).logits[:, -1].float()
-            next_B = gen.sample_next(logits_BV, temperature, top_k, generator)
+            next_B = sample(self(feed_BL, kv_cache=cache).logits[:, -1].float())
             ids_BL = torch.cat([ids_BL, next_B[:, None]], dim=1)
             if cache is not None and cache.length >= cache.capacity:
                 cache = None  # the context is full: sliding window from here on (plan_length allowed it)
