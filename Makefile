@@ -26,7 +26,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: $(STAMP)
-	@for f in benchmarks/startup.py benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/generate.py benchmarks/route.py; do \
+	@for f in benchmarks/startup.py benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/generate.py benchmarks/base_assignment.py benchmarks/route.py; do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
