@@ -130,34 +130,55 @@ class _LMCrossEntropy(torch.autograd.Function):
     ``F.cross_entropy(logits_TV, targets_T, ignore_index=-100)``, less memory and time on CPU.
 
     ``F.cross_entropy`` keeps a ``[T, V]`` log-softmax copy for backward, and its backward
-    allocates a zero-filled ``[T, V]`` nll gradient plus a ``[T, V]`` log-softmax gradient. Here
-    forward keeps only the per-row log-sum-exp (computed in row chunks, so no ``[T, V]``
-    temporary) and backward writes ``(softmax - onehot) * g / n`` into one ``[T, V]`` buffer.
-    Rows all ignored: the loss is NaN (0/0, as ``F.cross_entropy``) and the gradient zero.
+    allocates a zero-filled ``[T, V]`` nll gradient plus a ``[T, V]`` log-softmax gradient. Here,
+    when the logits need a gradient, forward writes the gradient of the mean loss,
+    ``(softmax - onehot) / n`` on valid rows, straight into one ``[T, V]`` buffer, in row chunks of
+    ``CHUNK_ELEMS`` elements so that each chunk's max/sub/exp/sum/scale passes stay in cache (the
+    fused-gradient trick of Liger-Kernel's fused linear cross-entropy, without fusing the matmul);
+    backward only scales that buffer by the incoming gradient (in place: backward runs once).
+    Without a gradient, the log-sum-exp reuses one chunk buffer. No ``[T, V]`` temporaries either
+    way. Rows all ignored: the loss is NaN (0/0, as ``F.cross_entropy``) and the gradient zero.
     """
 
-    CHUNK_ELEMS = 1 << 20  # rows per log-sum-exp chunk: about 4 MiB of fp32 logits
+    CHUNK_ELEMS = 1 << 18  # elements per row chunk: 1 MiB of fp32, about the size of a core's L2
 
     @staticmethod
     def forward(ctx, logits_TV: Tensor, targets_T: Tensor) -> Tensor:  # type: ignore[override]
         T, V = logits_TV.shape
         valid_T = targets_T != -100
         safe_T = targets_T.masked_fill(~valid_T, 0)
-        rows = max(1, _LMCrossEntropy.CHUNK_ELEMS // max(V, 1))
-        lse_T = torch.cat([torch.logsumexp(logits_TV[i : i + rows], dim=-1) for i in range(0, T, rows)]) if T else logits_TV.new_zeros(0)
-        tgt_T = logits_TV.gather(1, safe_T[:, None]).squeeze(1)
         n = valid_T.sum()
+        want_grad = ctx.needs_input_grad[0]
+        rows = max(1, _LMCrossEntropy.CHUNK_ELEMS // max(V, 1))
+        out_TV = torch.empty_like(logits_TV) if want_grad else logits_TV.new_empty(min(rows, T), V)
+        scale_T = valid_T.to(logits_TV.dtype) / n.clamp_min(1)
+        lse_T = logits_TV.new_empty(T)
+        for i in range(0, T, rows):
+            x_CV = logits_TV[i : i + rows]
+            buf_CV = out_TV[i : i + rows] if want_grad else out_TV[: x_CV.shape[0]]
+            m_C1 = x_CV.amax(-1, keepdim=True)
+            m_C1 = m_C1.masked_fill(~torch.isfinite(m_C1), 0.0)
+            torch.sub(x_CV, m_C1, out=buf_CV).exp_()
+            s_C1 = buf_CV.sum(-1, keepdim=True)
+            lse_T[i : i + rows] = (m_C1 + s_C1.log()).squeeze(1)
+            if want_grad:
+                buf_CV.mul_(scale_T[i : i + rows, None] / s_C1)  # softmax / n on valid rows, 0 elsewhere
+        tgt_T = logits_TV.gather(1, safe_T[:, None]).squeeze(1)
         loss = torch.where(valid_T, lse_T - tgt_T, 0.0).sum() / n
-        ctx.save_for_backward(logits_TV, lse_T, safe_T, valid_T, n)
+        if want_grad:
+            out_TV.scatter_add_(1, safe_T[:, None], -scale_T[:, None])  # minus the one-hot / n
+            ctx.save_for_backward(out_TV)
+            ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        logits_TV, lse_T, safe_T, valid_T, n = ctx.saved_tensors
-        grad_TV = torch.sub(logits_TV, lse_T[:, None]).exp_()
-        grad_TV.scatter_add_(1, safe_T[:, None], grad_TV.new_full((safe_T.shape[0], 1), -1.0))
-        scale_T1 = (valid_T.to(grad_TV.dtype) * (g / n.clamp_min(1)))[:, None]
-        return grad_TV.mul_(scale_T1), None
+        if ctx.consumed:
+            raise RuntimeError("lm_cross_entropy: backward ran twice through one loss (retain_graph is not "
+                               "supported: the gradient buffer is scaled in place)")
+        ctx.consumed = True
+        (grad_TV,) = ctx.saved_tensors
+        return grad_TV.mul_(g), None
 
 
 def lm_cross_entropy(logits_TV: Tensor, targets_T: Tensor) -> Tensor:
