@@ -170,3 +170,22 @@ def test_generate_restores_moe_statistics_for_later_forwards():
     model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0)
     model(torch.zeros(1, 3, dtype=torch.long))
     assert all(layer.track_stats and layer.last_stats["counts"] for _, layer in model.moe_layers())
+
+
+@pytest.mark.parametrize("layout_kw, model_kw", [
+    ({"kind": "shared_pool"}, {}),
+    ({"kind": "shared_pool", "router_sharing": "decision"}, {}),
+    ({}, {"n_layers": 3, "first_k_dense": 1}),
+])
+def test_cached_generation_with_pools_shared_routers_and_dense_blocks(layout_kw, model_kw):
+    from moelab.layers.layouts import LayoutConfig
+
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_ff=24, num_experts=4, k=2, init_std=0.2)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=model_kw.get("n_layers", 2), n_heads=4, max_seq_len=24,
+                      d_ff_dense=48, moe=moe, init_std=0.2, first_k_dense=model_kw.get("first_k_dense", 0),
+                      layout=LayoutConfig(**layout_kw))
+    model = MoETransformer(cfg).eval()
+    prompt_BL = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(model.generate(prompt_BL, 8, temperature=0),
+                       model.generate(prompt_BL, 8, temperature=0, use_cache=False))
