@@ -5,7 +5,8 @@ Floor (``dense_floor``): moelab's transformer with every block dense and ``d_ff_
 i.e. the same active FLOPs per token as the MoE model (k experts of width d_ff each) minus the router:
 no MoE implementation can beat it, so ``vs_floor`` (MoE step time / floor step time) is the overhead of
 routing + dispatch + balancing. Target: <= 1.15x at tiny and small; >= 1.3x HF tokens/s at equal or lower
-peak memory. With ``--compile`` the moelab MoE step also runs under ``torch.compile`` (speed-up column).
+peak memory. The moelab MoE step also runs under ``torch.compile`` (``compile_speedup``; ``--no-compile`` skips it;
+the first calls, untimed warm-up, pay the compilation).
 
 Equivalent config: same number of layers (all MoE), d_model, heads (no GQA), expert hidden size,
 experts, top-k, vocabulary, tied embeddings, RMSNorm/RoPE/SwiGLU; random init; HF with
@@ -120,7 +121,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--compile", action="store_true", help="also time the moelab step under torch.compile")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the moelab step under torch.compile (default: on, off with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny only, 2 rounds, 1 warm-up (a smoke test)")
     ap.add_argument("--name", default="train_step", help="results file name")
     args = ap.parse_args()
@@ -128,6 +130,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.presets, args.rounds, args.warmup = ["tiny"], 2, 1
+    if args.compile is None:
+        args.compile = not args.quick
     rows = []
     for name in args.presets:
         new = bench_preset(name, args.rounds, args.warmup, args.compile)
