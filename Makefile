@@ -29,7 +29,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: $(STAMP)
-	@for f in benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/route.py benchmarks/threads.py benchmarks/hf_interop.py; do \
+	@for f in benchmarks/startup.py benchmarks/moe_layer.py benchmarks/train_step.py benchmarks/generate.py benchmarks/base_assignment.py benchmarks/route.py benchmarks/threads.py benchmarks/hf_interop.py; do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
 
 # Build the wheel and sdist, install the wheel into a clean venv, run `moelab --version` and a forward.

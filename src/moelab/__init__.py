@@ -18,26 +18,38 @@ from moelab import _threads  # noqa: F401 -- first: OMP_WAIT_POLICY must be set 
 
 __version__ = "0.1.0"
 
-from moelab.errors import MoelabError
-from moelab.layers.balancing import (
-    AuxFreeBias,
-    balance_losses,
-    global_aux_value,
-    hf_to_moelab_coef,
-    install_aux_free_hook,
-    megatron_to_moelab_coef,
-    moelab_to_hf_coef,
-    sequence_aux_loss,
-    switch_aux_loss,
-    z_loss,
-)
-from moelab.layers.config import MoEConfig
-from moelab.layers.dispatch import DISPATCHERS, apply_capacity, pick_dispatcher
-from moelab.layers.experts import ExpertBank, SharedExperts
-from moelab.layers.moe import MoELayer
-from moelab.layers.routers import ROUTERS, Router, build_router
-from moelab.layers.routing import RoutingContext, RoutingResult
-from moelab.layers.stats import routing_stats
+# Public names resolve lazily (moelab._lazy): `import moelab` does not import torch until a name is used.
+from moelab._lazy import lazy_exports as _lazy_exports
+
+_EXPORTS = {
+    "MoelabError": "moelab.errors",
+    "AuxFreeBias": "moelab.layers.balancing",
+    "balance_losses": "moelab.layers.balancing",
+    "global_aux_value": "moelab.layers.balancing",
+    "hf_to_moelab_coef": "moelab.layers.balancing",
+    "install_aux_free_hook": "moelab.layers.balancing",
+    "megatron_to_moelab_coef": "moelab.layers.balancing",
+    "moelab_to_hf_coef": "moelab.layers.balancing",
+    "sequence_aux_loss": "moelab.layers.balancing",
+    "switch_aux_loss": "moelab.layers.balancing",
+    "z_loss": "moelab.layers.balancing",
+    "MoEConfig": "moelab.layers.config",
+    "DISPATCHERS": "moelab.layers.dispatch",
+    "apply_capacity": "moelab.layers.dispatch",
+    "pick_dispatcher": "moelab.layers.dispatch",
+    "ExpertBank": "moelab.layers.experts",
+    "SharedExperts": "moelab.layers.experts",
+    "MoELayer": "moelab.layers.moe",
+    "ROUTERS": "moelab.layers.routers",
+    "Router": "moelab.layers.routers",
+    "build_router": "moelab.layers.routers",
+    "RoutingContext": "moelab.layers.routing",
+    "RoutingResult": "moelab.layers.routing",
+    "routing_stats": "moelab.layers.stats",
+}
+_SUBPACKAGES = ("analysis", "data", "errors", "layers", "models", "registry", "route", "sweep", "train")
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, _SUBPACKAGES, globals())
+
 
 __all__ = [
     "AuxFreeBias", "DISPATCHERS", "ExpertBank", "MoEConfig", "MoELayer", "MoelabError", "ROUTERS",

@@ -65,9 +65,14 @@ def test_train_info_eval_generate(tmp_path, cfg_file, capsys):
     assert rc == 0 and ev["step"] == 3 and set(ev["per_domain"]) == {"alpha", "beta"}
     rc, out, _ = run(["eval", rd, "--split", "test", "--max-batches", "1"], capsys)
     assert rc == 0 and "alpha" in out and "test split" in out
-    rc, a, _ = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "12", "--seed", "1"], capsys)
-    rc2, b, _ = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "12", "--seed", "1"], capsys)
+    rc, a, _ = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "11", "--seed", "1"], capsys)
+    rc2, b, _ = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "11", "--seed", "1"], capsys)
     assert rc == rc2 == 0 and a == b and a.startswith("ab cd")
+    # 5 prompt bytes + 12 new tokens > max_seq_len 16: refused with the limit named, or a sliding window
+    rc, _, err = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "12"], capsys)
+    assert rc == 2 and "max_seq_len=16" in err and "sliding_window" in err
+    rc, c, _ = run(["generate", rd, "--prompt", "ab cd", "--max-new-tokens", "12", "--sliding-window"], capsys)
+    assert rc == 0 and c.startswith("ab cd")
     # resume extends the run
     rc, out, _ = run(["train", "--run-dir", rd, "--resume", "--train.steps", "5", "--progress", "off"], capsys)
     assert rc == 0

@@ -29,3 +29,34 @@ def test_all_ignored_is_nan_with_zero_gradient():
     assert torch.isnan(loss)
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_without_gradient_matches_and_keeps_no_buffer(monkeypatch):
+    monkeypatch.setattr(_LMCrossEntropy, "CHUNK_ELEMS", 30)
+    torch.manual_seed(1)
+    logits = 5 * torch.randn(21, 11)
+    targets = torch.randint(0, 11, (21,))
+    targets[2] = -100
+    with torch.no_grad():
+        ours = lm_cross_entropy(logits, targets)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, targets, ignore_index=-100))
+
+
+def test_large_logits_stay_finite():
+    logits = torch.tensor([[1e4, 0.0, -1e4], [-1e4, 1e4, 3.0]], requires_grad=True)
+    targets = torch.tensor([0, 2])
+    ours = lm_cross_entropy(logits, targets)
+    ref = F.cross_entropy(logits.detach(), targets)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_second_backward_through_one_loss_is_refused():
+    import pytest
+
+    logits = torch.randn(3, 4, requires_grad=True)
+    loss = lm_cross_entropy(logits, torch.tensor([0, 1, 2]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -164,7 +164,9 @@ def test_moe_accumulation_equals_full_batch(micro, tmp_path, mode):
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
     wa, wb = load_run(tmp_path / "a").model.state_dict(), load_run(tmp_path / "b").model.state_dict()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        # atol: 1% of one Adam step (lr 1e-2); Adam's normalisation can amplify fp rounding of a near-zero
+        # gradient element to ~1e-5, while a real accumulation bug moves weights by whole steps
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     if mode == "aux_free_bias":
         bias = [k for k in wa if "bias" in k and "router" in k]
         assert bias and any(float(wa[k].abs().max()) > 0 for k in bias)  # the bias did move

@@ -25,9 +25,13 @@ def cmd_compress_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# the same list as moelab.ops.compare.DEFAULT_METHODS (tests/ops/test_cli_light.py checks it): kept here so
+# that `--help` imports no torch
+DEFAULT_METHODS = "frequency,soft_count,ean,reap,easy_ep,tcess,m_smoe,mc_smoe,hc_smoe,sub_moe,dern,threshold,modes"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from moelab.cli._ops_args import add_calibration_args
-    from moelab.ops.compare import DEFAULT_METHODS
 
     p = sub.add_parser("compress-compare", help="prune / merge / skip methods x budgets vs the unmodified model",
                        description="Apply every method at every budget to the run (in memory; the run is not "

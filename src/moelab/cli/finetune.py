@@ -7,11 +7,29 @@ import argparse
 import json
 
 
+# the registry's names (ADAPTERS; tests/ops/test_cli_light.py checks them), so that `--help` imports no torch
+ADAPTER_NAMES = ('comol', 'dynmole', 'lora', 'mixlora', 'mola', 'smora')
+
+
+# (name, description, paper) of moelab.ops.lora.ADAPTERS, static so that `--help` imports no torch
+# (tests/ops/test_cli_light.py checks it against the registry)
+LISTING = [('comol',
+            'r x r core experts in one LoRA frame, soft-merged by a low-rank router',
+            'CoMoL (core-space mixture of LoRA), seed catalog #36'),
+           ('dynmole', 'LoRA experts with Tsallis-entropy hybrid (soft/top-k) routing', 'Li et al. 2025 (DynMoLE)'),
+           ('lora', 'one LoRA per FFN projection (mergeable)', 'Hu et al. 2021 (LoRA)'),
+           ('mixlora', 'top-k LoRA experts inside each FFN + balance loss', 'Li et al. 2024 (MixLoRA)'),
+           ('mola', 'top-k LoRA experts per projection, more experts in higher layers', 'Gao et al. 2024 (MoLA)'),
+           ('smora', 'each rank of one LoRA is an expert; rank-wise top-k routing', 'Zhao et al. 2025 (SMoRA)')]
+
+
+def _listing() -> str:
+    return "\n".join(f"  {name:8s} {desc} ({paper})" for name, desc, paper in LISTING)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from moelab.cli.train import _OverrideParser
-    from moelab.ops.lora import ADAPTERS
 
-    adapters = "\n".join(f"  {e.name:8s} {e.description} ({e.paper})" for e in ADAPTERS.entries())
     p = sub.add_parser("finetune", help="fine-tune LoRA or mixture-of-LoRA-experts adapters on a frozen dense run",
                        usage="moelab finetune RUN --adapter A --out DIR [options] [--data.FIELD V] [--train.FIELD V]",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -19,10 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or --data.source, and write DIR/adapters.safetensors (adapters only), "
                                    "adapter.json, metrics.jsonl and summary.json (val ppl per domain before/after, "
                                    "trainable parameters, peak memory). --train.steps/lr/batch_size set the loop.",
-                       epilog="adapters:\n" + adapters)
+                       epilog=lambda: "adapters:\n" + _listing())
     p.__class__ = _OverrideParser
     p.add_argument("run", metavar="RUN", help="the frozen base run directory (dense FFNs)")
-    p.add_argument("--adapter", default="lora", choices=ADAPTERS.names(), help="adapter (default: lora)")
+    p.add_argument("--adapter", default="lora", choices=ADAPTER_NAMES, help="adapter (default: lora)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/rank; default 16)")

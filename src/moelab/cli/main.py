@@ -1,5 +1,15 @@
 """The ``moelab`` command line. Each subcommand lives in its own module of ``moelab.cli``
-and exposes ``register(subparsers)``; add a module name to ``COMMAND_MODULES`` to add one."""
+and exposes ``register(subparsers)``; add a module name to ``COMMAND_MODULES`` to add one.
+
+Start-up rule (``moelab --help`` and every ``moelab X --help`` parse without importing torch):
+every module in ``COMMAND_MODULES`` is imported and its ``register()`` run on every call, so both must
+stay cheap. At module level and in ``register()`` import only the standard library, ``moelab.errors``
+and torch-free config modules (``moelab.*.config``, ``moelab.train.presets``); import torch, numpy,
+scipy, pandas, transformers and any module that loads them inside the command function that needs them.
+Help text that is expensive to build can be given as a callable ``epilog=lambda: ...``: the
+``MoelabParser`` of every subcommand calls it only when help is printed. ``tests/cli/test_startup.py``
+checks the rule for every registered command and subcommand.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +26,22 @@ COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep", "
                               "upcycle", "finetune", "prune", "merge", "skip", "compress_compare"]
 
 
+class MoelabParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``epilog`` may be a zero-argument callable, called only to print help."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = MoelabParser(
         prog="moelab",
         description="moelab: routing in Mixture-of-Experts — train, compare and analyse routers.",
     )
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=MoelabParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"moelab.cli.{name}").register(sub)
     _ux.state_defaults(parser)

@@ -21,16 +21,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# (name, description, paper) of moelab.ops.merge.MERGE_METHODS, static so that `--help` imports no torch
+# (tests/ops/test_cli_light.py checks it against the registry)
+LISTING = [('dern',
+            'drop experts by gate mass, recombine their neurons into the retained experts',
+            'Zhou et al. 2025 (DERN)'),
+           ('hc_smoe', 'hierarchical clustering of expert outputs, average merge', 'Chen et al. 2025 (HC-SMoE)'),
+           ('m_smoe',
+            'dominant experts by frequency, router-logit grouping, permutation alignment, frequency-weighted merge',
+            'Li et al. 2024 (MC-SMoE)'),
+           ('mc_smoe',
+            'M-SMoE merge, then low-rank + sparse compression of each merged expert',
+            'Li et al. 2024 (MC-SMoE)'),
+           ('sub_moe',
+            'K-means on output similarity, joint-SVD shared basis, frequency-weighted merge of expert factors',
+            'Li et al. 2025 (Sub-MoE)')]
+
+
+def _listing() -> str:
+    return "\n".join(f"  {name:<9} {desc} ({paper})" for name, desc, paper in LISTING)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from moelab.cli._ops_args import add_calibration_args, add_io_args
-    from moelab.ops.merge import MERGE_METHODS
 
-    meth = "\n".join(f"  {e.name:<9} {e.description} ({e.paper})" for e in MERGE_METHODS.entries())
     p = sub.add_parser("merge", help="merge experts of a trained run (hc_smoe, m_smoe, mc_smoe, sub_moe, dern)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Merge each layer's experts into fewer; the original router routes every member "
                                    "of a group to its merged expert. The result is an ordinary run directory.",
-                       epilog="methods:\n" + meth)
+                       epilog=lambda: "methods:\n" + _listing())
     add_io_args(p)
     p.add_argument("--method", default="hc_smoe", help="merging method (see below; '-' or '_')")
     p.add_argument("--keep", default="0.5", help="merged experts per layer: a fraction in (0, 1] or a count")

@@ -18,16 +18,28 @@ def cmd_skip(args: argparse.Namespace) -> int:
     return 0
 
 
+# (name, description, paper) of moelab.ops.skip.SKIP_METHODS, static so that `--help` imports no torch
+# (tests/ops/test_cli_light.py checks it against the registry)
+LISTING = [('modes',
+            'skip when layer importance x router probability < threshold; frontier search for the rate',
+            'Huang et al. 2025 (MoDES)'),
+           ('threshold',
+            'skip experts whose router probability is under a global threshold',
+            'baseline of Huang et al. 2025 (MoDES); Lu et al. 2024')]
+
+
+def _listing() -> str:
+    return "\n".join(f"  {name:<9} {desc} ({paper})" for name, desc, paper in LISTING)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from moelab.cli._ops_args import add_calibration_args, add_io_args
-    from moelab.ops.skip import SKIP_METHODS
 
-    meth = "\n".join(f"  {e.name:<9} {e.description} ({e.paper})" for e in SKIP_METHODS.entries())
     p = sub.add_parser("skip", help="skip experts at inference (modes, threshold) for a target skip rate",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Install training-free expert skipping (a 'wrapped' router in the saved config) "
                                    "with the threshold found for --rate; the result is an ordinary run directory.",
-                       epilog="methods:\n" + meth)
+                       epilog=lambda: "methods:\n" + _listing())
     add_io_args(p)
     p.add_argument("--method", default="modes", help="skipping method (see below)")
     p.add_argument("--rate", type=float, default=0.3, help="target fraction of routed expert slots to skip, in [0, 1)")

@@ -12,12 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from moelab.cli.main import MoelabParser
 from moelab.errors import MoelabError
 
 _DEFAULT_RUN_DIR = "runs/{preset}-{time}"
 
 
-class _OverrideParser(argparse.ArgumentParser):
+class _OverrideParser(MoelabParser):
     """A sub-parser that hands every unknown ``--section.field VALUE`` / ``section.field=VALUE``
     argument to the command as ``args.overrides`` (checked against the config's keys there)."""
 
@@ -66,7 +67,7 @@ config overrides (applied after --preset and --config, in order):
 
 def _add_override_help(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = _OVERRIDES_EPILOG + _keys_help()
+    p.epilog = lambda: _OVERRIDES_EPILOG + _keys_help()  # built only when help is printed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--sliding-window", action="store_true", help="continue past the model's max_seq_len, each "
+                   "token predicted from the last max_seq_len tokens (default: refuse with an error)")
     p.set_defaults(func=cmd_generate)
 
     # ---- info
@@ -245,7 +248,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = [run.tokenizer.eos_id]  # an empty prompt starts a new document
     gen = torch.Generator().manual_seed(args.seed)
     out = run.model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, generator=gen)
+                             top_k=args.top_k, generator=gen, sliding_window=args.sliding_window)
     print(args.prompt + run.tokenizer.decode(out[0, len(ids):].tolist()))
     return 0
 

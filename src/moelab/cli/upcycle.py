@@ -7,18 +7,43 @@ import argparse
 import json
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from moelab.ops.upcycle import UPCYCLERS
+# the registry's names (UPCYCLERS; tests/ops/test_cli_light.py checks them), so that `--help` imports no torch
+UPCYCLE_METHODS = ('carve', 'dume', 'granular', 'grow', 'sparse')
 
-    methods = "\n".join(f"  {e.name:9s} {e.description} ({e.paper})" for e in UPCYCLERS.entries())
+
+# (name, description, paper) of moelab.ops.upcycle.UPCYCLERS, static so that `--help` imports no torch
+# (tests/ops/test_cli_light.py checks it against the registry)
+LISTING = [('carve',
+            'cluster FFN neurons by activation into experts; distil a router',
+            'LaDiMo; Read-ME (Cai et al. 2024); MoEfication (Zhang et al. 2022)'),
+           ('dume',
+            'several dense runs -> one MoE, ridge-regression router (training-free)',
+            'DUME (training-free dynamic upcycling; seed catalog #11)'),
+           ('granular',
+            'split each FFN into G shards, E/G copies, virtual-group router',
+            'He et al. 2024 (Upcycling LLMs into MoE; Megatron granular upcycling)'),
+           ('grow',
+            'duplicate experts E -> mE, k fixed, router rows copied + perturbation',
+            'Dwivedi et al. 2026 (Expert Upcycling, arXiv 2604.19835)'),
+           ('sparse',
+            'copy each dense FFN into E experts + a fresh router',
+            'Komatsuzaki et al. 2023 (Sparse Upcycling); Nakamura et al. 2025 (Drop-Upcycling)')]
+
+
+def _listing() -> str:
+    return "\n".join(f"  {name:9s} {desc} ({paper})" for name, desc, paper in LISTING)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+
     p = sub.add_parser("upcycle", help="upcycle a dense run into an MoE run, or grow an MoE run's experts",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Write OUT, a run directory at step 0 whose MoE layers are built from RUN's "
                                    "weights. Then `moelab train --init-from OUT --run-dir NEW` continues it with a "
                                    "fresh optimizer.",
-                       epilog="methods:\n" + methods)
+                       epilog=lambda: "methods:\n" + _listing())
     p.add_argument("runs", nargs="+", metavar="RUN", help="source run directory (dume: several)")
-    p.add_argument("--method", required=True, choices=UPCYCLERS.names(), help="the recipe")
+    p.add_argument("--method", required=True, choices=UPCYCLE_METHODS, help="the recipe")
     p.add_argument("--out", required=True, metavar="DIR", help="output run directory")
     p.add_argument("--num-experts", type=int, help="experts per MoE layer (sparse/granular/carve: default 8; "
                    "grow: the target count, default factor x E)")

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the config half of this module must not load torch (CLI --help)
+    from torch import Tensor
 
 from moelab.errors import MoelabError, check_choice, check_range
 

@@ -115,6 +115,7 @@ class MoELayer(nn.Module):
         self.last_routing: RoutingResult | None = None
         self.last_aux: dict[str, Tensor] = {}
         self.last_stats: dict[str, Any] = {}
+        self.track_stats = True  # False: skip last_stats (and, without grad, last_aux): token-by-token decoding
 
     @property
     def block_residual(self) -> bool:
@@ -173,12 +174,13 @@ class MoELayer(nn.Module):
             y_TD = y_TD * self.cfg.routed_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        aux = self.balance(routing, ctx)
+        # generation (moelab.models.generation) turns track_stats off: no stats, no reporting-only aux values
+        aux = self.balance(routing, ctx) if self.track_stats or torch.is_grad_enabled() else {}
         if aux and torch.is_grad_enabled():
             total = sum(v.float() for v in aux.values())
             if total.requires_grad:
                 y_TD = AttachAuxLoss.apply(y_TD, total, self.aux_loss_scale)
         self.last_aux = {n: v.detach() for n, v in aux.items()}
         self.last_routing = _detach_routing(routing)
-        self.last_stats = routing_stats(self.last_routing)
+        self.last_stats = routing_stats(self.last_routing) if self.track_stats else {}
         return y_TD.reshape(x.shape).to(x.dtype)

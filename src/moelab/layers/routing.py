@@ -32,6 +32,8 @@ class RoutingContext:
     ``token_ids_T`` is for routers that are functions of the token id (hash routing).
     ``state`` carries cross-layer routing state (recurrent routers, shared decisions) through
     one forward pass of a model; ``layer_index`` is the MoE layer's depth.
+    ``prev_token_ids_B`` is the token id just before each sequence's first token when the
+    sequences continue earlier ones (KV-cache generation); None when they start here.
     """
 
     valid_T: Tensor | None = None
@@ -39,6 +41,7 @@ class RoutingContext:
     token_ids_T: Tensor | None = None
     layer_index: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    prev_token_ids_B: Tensor | None = None
 
 
 @dataclass

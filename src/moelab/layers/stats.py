@@ -20,6 +20,7 @@ STAT_KEYS = (
 )
 
 
+@torch.compiler.disable  # host-side bookkeeping: compiled, its float results would recompile every step
 @torch.no_grad()
 def routing_stats(routing: RoutingResult) -> dict[str, Any]:
     """Load, drop, entropy and experts-per-token statistics of one routing decision.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +96,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, kv: tuple | None = None) -> Tensor:
+        """``kv = (KVCache, layer_index)``: the L positions continue the cached ones (generation)."""
         B, L, D = x_BLD.shape
         qkv_3BHLDh = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        qk_2BHLDh = apply_rope(qkv_3BHLDh[:2], cos_LDh[:L], sin_LDh[:L])
-        y_BHLDh = F.scaled_dot_product_attention(qk_2BHLDh[0], qk_2BHLDh[1], qkv_3BHLDh[2], is_causal=True)
+        p = 0 if kv is None else kv[0].length
+        qk_2BHLDh = apply_rope(qkv_3BHLDh[:2], cos_LDh[p : p + L], sin_LDh[p : p + L])
+        q_BHLDh, k_BHLDh, v_BHLDh = qk_2BHLDh[0], qk_2BHLDh[1], qkv_3BHLDh[2]
+        mask_LP = None
+        if kv is not None:
+            k_BHLDh, v_BHLDh = kv[0].update(kv[1], k_BHLDh, v_BHLDh)  # now all p + L positions
+            if p > 0 and L > 1:  # a chunk after cached positions: query i sees keys 0 .. p + i
+                mask_LP = torch.ones(L, p + L, dtype=torch.bool, device=x_BLD.device).tril(p)
+        causal = mask_LP is None and (p == 0 and L > 1)
+        y_BHLDh = F.scaled_dot_product_attention(q_BHLDh, k_BHLDh, v_BHLDh, attn_mask=mask_LP, is_causal=causal)
         return self.o_proj(y_BHLDh.transpose(1, 2).reshape(B, L, D))
 
 
@@ -121,34 +131,55 @@ class _LMCrossEntropy(torch.autograd.Function):
     ``F.cross_entropy(logits_TV, targets_T, ignore_index=-100)``, less memory and time on CPU.
 
     ``F.cross_entropy`` keeps a ``[T, V]`` log-softmax copy for backward, and its backward
-    allocates a zero-filled ``[T, V]`` nll gradient plus a ``[T, V]`` log-softmax gradient. Here
-    forward keeps only the per-row log-sum-exp (computed in row chunks, so no ``[T, V]``
-    temporary) and backward writes ``(softmax - onehot) * g / n`` into one ``[T, V]`` buffer.
-    Rows all ignored: the loss is NaN (0/0, as ``F.cross_entropy``) and the gradient zero.
+    allocates a zero-filled ``[T, V]`` nll gradient plus a ``[T, V]`` log-softmax gradient. Here,
+    when the logits need a gradient, forward writes the gradient of the mean loss,
+    ``(softmax - onehot) / n`` on valid rows, straight into one ``[T, V]`` buffer, in row chunks of
+    ``CHUNK_ELEMS`` elements so that each chunk's max/sub/exp/sum/scale passes stay in cache (the
+    fused-gradient trick of Liger-Kernel's fused linear cross-entropy, without fusing the matmul);
+    backward only scales that buffer by the incoming gradient (in place: backward runs once).
+    Without a gradient, the log-sum-exp reuses one chunk buffer. No ``[T, V]`` temporaries either
+    way. Rows all ignored: the loss is NaN (0/0, as ``F.cross_entropy``) and the gradient zero.
     """
 
-    CHUNK_ELEMS = 1 << 20  # rows per log-sum-exp chunk: about 4 MiB of fp32 logits
+    CHUNK_ELEMS = 1 << 18  # elements per row chunk: 1 MiB of fp32, about the size of a core's L2
 
     @staticmethod
     def forward(ctx, logits_TV: Tensor, targets_T: Tensor) -> Tensor:  # type: ignore[override]
         T, V = logits_TV.shape
         valid_T = targets_T != -100
         safe_T = targets_T.masked_fill(~valid_T, 0)
-        rows = max(1, _LMCrossEntropy.CHUNK_ELEMS // max(V, 1))
-        lse_T = torch.cat([torch.logsumexp(logits_TV[i : i + rows], dim=-1) for i in range(0, T, rows)]) if T else logits_TV.new_zeros(0)
-        tgt_T = logits_TV.gather(1, safe_T[:, None]).squeeze(1)
         n = valid_T.sum()
+        want_grad = ctx.needs_input_grad[0]
+        rows = max(1, _LMCrossEntropy.CHUNK_ELEMS // max(V, 1))
+        out_TV = torch.empty_like(logits_TV) if want_grad else logits_TV.new_empty(min(rows, T), V)
+        scale_T = valid_T.to(logits_TV.dtype) / n.clamp_min(1)
+        lse_T = logits_TV.new_empty(T)
+        for i in range(0, T, rows):
+            x_CV = logits_TV[i : i + rows]
+            buf_CV = out_TV[i : i + rows] if want_grad else out_TV[: x_CV.shape[0]]
+            m_C1 = x_CV.amax(-1, keepdim=True)
+            m_C1 = m_C1.masked_fill(~torch.isfinite(m_C1), 0.0)
+            torch.sub(x_CV, m_C1, out=buf_CV).exp_()
+            s_C1 = buf_CV.sum(-1, keepdim=True)
+            lse_T[i : i + rows] = (m_C1 + s_C1.log()).squeeze(1)
+            if want_grad:
+                buf_CV.mul_(scale_T[i : i + rows, None] / s_C1)  # softmax / n on valid rows, 0 elsewhere
+        tgt_T = logits_TV.gather(1, safe_T[:, None]).squeeze(1)
         loss = torch.where(valid_T, lse_T - tgt_T, 0.0).sum() / n
-        ctx.save_for_backward(logits_TV, lse_T, safe_T, valid_T, n)
+        if want_grad:
+            out_TV.scatter_add_(1, safe_T[:, None], -scale_T[:, None])  # minus the one-hot / n
+            ctx.save_for_backward(out_TV)
+            ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        logits_TV, lse_T, safe_T, valid_T, n = ctx.saved_tensors
-        grad_TV = torch.sub(logits_TV, lse_T[:, None]).exp_()
-        grad_TV.scatter_add_(1, safe_T[:, None], grad_TV.new_full((safe_T.shape[0], 1), -1.0))
-        scale_T1 = (valid_T.to(grad_TV.dtype) * (g / n.clamp_min(1)))[:, None]
-        return grad_TV.mul_(scale_T1), None
+        if ctx.consumed:
+            raise RuntimeError("lm_cross_entropy: backward ran twice through one loss (retain_graph is not "
+                               "supported: the gradient buffer is scaled in place)")
+        ctx.consumed = True
+        (grad_TV,) = ctx.saved_tensors
+        return grad_TV.mul_(g), None
 
 
 def lm_cross_entropy(logits_TV: Tensor, targets_T: Tensor) -> Tensor:
@@ -178,8 +209,10 @@ class Block(nn.Module):
         self.is_moe = moe is not None
         self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff_dense)
 
-    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, ctx: RoutingContext) -> Tensor:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LDh, sin_LDh)
+    def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, ctx: RoutingContext,
+                kv_cache=None) -> Tensor:
+        kv = None if kv_cache is None else (kv_cache, self.layer_index)
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LDh, sin_LDh, kv)
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
             B, L, D = h_BLD.shape
@@ -267,24 +300,32 @@ class MoETransformer(nn.Module):
         return {"total": total, "active": total - inactive, "embedding": embedding}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids_BL: Tensor, labels_BL: Tensor | None = None, valid_BL: Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids_BL: Tensor, labels_BL: Tensor | None = None, valid_BL: Tensor | None = None,
+                *, kv_cache=None) -> ModelOutput:
         """Logits for every position; with ``labels_BL`` (already shifted: the target of position
         l is ``labels_BL[:, l]``) also the mean next-token cross-entropy over positions where
-        ``valid_BL`` is True and the label is not -100."""
+        ``valid_BL`` is True and the label is not -100. With ``kv_cache`` (a
+        ``moelab.models.generation.KVCache``) the positions continue the cached ones (generation)."""
         B, L = input_ids_BL.shape
-        if L > self.cfg.max_seq_len:
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + L > self.cfg.max_seq_len:
             from moelab.errors import MoelabError
 
-            raise MoelabError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise MoelabError(f"sequence length {start + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if kv_cache is not None:
+            kv_cache.check_room(L)
         ctx = RoutingContext(
             valid_T=None if valid_BL is None else valid_BL.reshape(-1),
             batch_shape=(B, L),
             token_ids_T=input_ids_BL.reshape(-1),
             state={},
+            prev_token_ids_B=None if kv_cache is None else kv_cache.last_ids_B,
         )
-        x_BLD = self.embed(input_ids_BL)
+        x_BLD = self.embed_tokens(input_ids_BL)
         for block in self.blocks:
-            x_BLD = block(x_BLD, self.rope_cos, self.rope_sin, ctx)
+            x_BLD = block(x_BLD, self.rope_cos, self.rope_sin, ctx, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids_BL)
         h_BLD = self.final_norm(x_BLD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits_BLV = F.linear(h_BLD, weight_VD)
@@ -294,6 +335,22 @@ class MoETransformer(nn.Module):
         lm_loss = lm_cross_entropy(logits_BLV.reshape(B * L, -1).float(), targets_BL.reshape(-1))
         aux_loss = self.last_aux_loss(lm_loss)
         return ModelOutput(logits=logits_BLV, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+
+    def embed_tokens(self, input_ids_BL: Tensor) -> Tensor:
+        """Token embeddings; a token id outside ``[0, vocab_size)`` is a MoelabError naming it."""
+        V = self.cfg.vocab_size
+        if input_ids_BL.device.type == "cpu":  # the CPU lookup checks bounds itself: no extra pass
+            try:
+                return self.embed(input_ids_BL)
+            except IndexError:
+                pass
+        elif input_ids_BL.numel() == 0 or (int(input_ids_BL.min()) >= 0 and int(input_ids_BL.max()) < V):
+            return self.embed(input_ids_BL)
+        bad = input_ids_BL[(input_ids_BL < 0) | (input_ids_BL >= V)]
+        from moelab.errors import MoelabError
+
+        raise MoelabError(f"input_ids_BL holds token id {int(bad[0])} ({bad.numel()} out of range); expected "
+                          f"0 <= id < model.vocab_size={V}")
 
     def last_aux_loss(self, like: Tensor) -> Tensor:
         """Sum of every MoE layer's ``last_aux`` values of the last forward (detached, reporting only)."""
@@ -306,25 +363,39 @@ class MoETransformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids_BL: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Sample ``max_new_tokens`` tokens after ``input_ids_BL`` (no KV cache: the context, cut to
-        ``max_seq_len``, is re-run each step). ``temperature == 0`` is greedy; ``top_k`` keeps the k
-        most likely tokens; stops early when every row produced ``eos_id``."""
+                 eos_id: int | None = None, use_cache: bool = True, sliding_window: bool = False) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``input_ids_BL`` (``[B, L]``; returns ``[B, L + new]``).
+
+        ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens; stops early when
+        every row produced ``eos_id``. With ``use_cache`` (default) attention keys/values are cached
+        (``moelab.models.generation``: routing stays per token, identical to the full forward);
+        ``use_cache=False`` re-runs the whole context for every token (the reference path).
+        Prompt + new tokens beyond ``max_seq_len`` raise a MoelabError unless ``sliding_window``
+        (then each token past the limit is predicted from the last ``max_seq_len`` tokens).
+        """
+        from moelab.models import generation as gen
+
         require_causal(self, "generate")  # refuses routers that read later tokens (moelab.models.causality)
-        ids_BL = input_ids_BL
+        gen.check_generate_args(input_ids_BL, max_new_tokens, temperature, top_k, eos_id, self.cfg.vocab_size)
+        B, L0 = input_ids_BL.shape
+        gen.plan_length(L0, max_new_tokens, self.cfg.max_seq_len, sliding_window)
+        room = min(self.cfg.max_seq_len, L0 + max_new_tokens - 1)  # the last new token is never fed back
+        cache = gen.KVCache.for_model(self, B, room) if use_cache and 0 < max_new_tokens and L0 <= room else None
+        sample = partial(gen.sample_next, temperature=temperature, top_k=top_k, generator=generator)
+        with gen.untracked_moe_layers(self):
+            return self._decode(input_ids_BL, max_new_tokens, cache, sample, eos_id)
+
+    def _decode(self, ids_BL: Tensor, max_new_tokens: int, cache, sample, eos_id: int | None) -> Tensor:
+        """``generate``'s loop: feed, sample, append; a full cache gives way to the sliding window."""
+        n_ctx = self.cfg.max_seq_len
+        feed_BL = ids_BL[:, -n_ctx:]
         done_B = torch.zeros(ids_BL.shape[0], dtype=torch.bool, device=ids_BL.device)
         for _ in range(max_new_tokens):
-            logits_BV = self(ids_BL[:, -self.cfg.max_seq_len:]).logits[:, -1].float()
-            if temperature == 0:
-                next_B = logits_BV.argmax(-1)
-            else:
-                logits_BV = logits_BV / temperature
-                if top_k is not None and top_k < logits_BV.shape[-1]:
-                    kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-                    logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-                probs_BV = torch.softmax(logits_BV, dim=-1)
-                next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+            next_B = sample(self(feed_BL, kv_cache=cache).logits[:, -1].float())
             ids_BL = torch.cat([ids_BL, next_B[:, None]], dim=1)
+            if cache is not None and cache.length >= cache.capacity:
+                cache = None  # the context is full: sliding window from here on (plan_length allowed it)
+            feed_BL = next_B[:, None] if cache is not None else ids_BL[:, -n_ctx:]
             if eos_id is not None:
                 done_B |= next_B == eos_id
                 if bool(done_B.all()):

@@ -237,6 +237,8 @@ class GroupedFFN(torch.autograd.Function):
         return dx_TD, dw_S, dwg, dwu, dwd, None, None
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile: its data-dependent group sizes and the fp32
+# CPU grouped GEMM have no compile-time (fake tensor) support (torch 2.13 accepts only bf16 there)
 def grouped_ffn(x_TD: Tensor, routing: RoutingResult, experts, gemm) -> Tensor:
     """Dropless sorted/grouped dispatch of the kept slots of ``routing``."""
     r = routing.kept()

@@ -23,7 +23,8 @@ expert. Variants implemented (``router_kwargs.method``):
 * ``"bigram"``: the paper's Bigram Hash, a fixed random hash of the pair (previous token id,
   current token id) -- ``(a * prev + b * id + c) mod p mod E`` with fixed random a, b, c and a
   large prime p (one triple per hash for k > 1). The first token of each sequence of
-  ``ctx.batch_shape`` (or of the whole batch without one) uses previous id 0. Causal.
+  ``ctx.batch_shape`` (or of the whole batch without one) uses previous id 0, or
+  ``ctx.prev_token_ids_B`` when the sequences continue cached ones (generation). Causal.
 
 The paper also studies position, clustered (k-means) and "dispersed" hashes and finds them no
 better than random/balanced hashing of the current token; they are not included.
@@ -141,7 +142,8 @@ class HashRouter(Router):
         prev = None
         if self.method == "bigram":
             B, L = ctx.batch_shape if ctx.batch_shape is not None else (1, T)
-            prev = torch.cat([ids.new_zeros(B, 1), ids.view(B, L)[:, :-1]], dim=1).reshape(-1)
+            first_B1 = ids.new_zeros(B, 1) if ctx.prev_token_ids_B is None else ctx.prev_token_ids_B.view(B, 1).to(ids)
+            prev = torch.cat([first_B1, ids.view(B, L)[:, :-1]], dim=1).reshape(-1)
         idx_TK = self.experts_for_ids(ids, prev)
         weights_TK = torch.ones(T, self.k, device=x_TD.device, dtype=torch.float32)
         probs_TE = torch.zeros(T, self.num_experts, device=x_TD.device).scatter_(1, idx_TK, 1.0 / self.k)

@@ -148,12 +148,14 @@ class HFMoEModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids_BL: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Sampling as ``MoETransformer.generate`` (no KV cache: the context is re-run each step)."""
+                 eos_id: int | None = None, use_cache: bool = False, sliding_window: bool = False) -> Tensor:
+        """Sampling as ``MoETransformer.generate`` (no KV cache: the context is re-run each step;
+        ``use_cache`` is accepted and ignored)."""
         from moelab.models.transformer import MoETransformer
 
         return MoETransformer.generate(_GenerateView(self), input_ids_BL, max_new_tokens, temperature=temperature,
-                                       top_k=top_k, generator=generator, eos_id=eos_id)
+                                       top_k=top_k, generator=generator, eos_id=eos_id, use_cache=False,
+                                       sliding_window=sliding_window)
 
 
 class _GenerateView:
@@ -161,10 +163,15 @@ class _GenerateView:
 
     def __init__(self, model: HFMoEModel) -> None:
         self._model = model
-        self.cfg = type("Cfg", (), {"max_seq_len": model.max_seq_len})()
+        self.cfg = type("Cfg", (), {"max_seq_len": model.max_seq_len, "vocab_size": model.hf.get_input_embeddings().num_embeddings})()
 
-    def __call__(self, ids: Tensor) -> Any:
+    def __call__(self, ids: Tensor, kv_cache: Any = None) -> Any:
         return self._model(ids)
+
+    def _decode(self, *args: Any) -> Tensor:
+        from moelab.models.transformer import MoETransformer
+
+        return MoETransformer._decode(self, *args)
 
     def __getattr__(self, name: str) -> Any:  # moe_layers, modules, eval, ... (the causality check reads them)
         return getattr(self._model, name)
