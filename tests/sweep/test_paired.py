@@ -88,7 +88,6 @@ def _cfg(**moe):
 def test_common_init_shares_every_matching_tensor_and_nothing_else():
     ref = build_reference(_cfg(), seed=3)
     torch.manual_seed(123)
-    before = torch.get_rng_state()
     other = MoETransformer(_cfg(router="cosine"))  # router differs: its parameters must keep their own init
     state = {k: v.clone() for k, v in other.state_dict().items()}
     copied = apply_common_init(other, ref.state_dict(), param_owners(ref))
@@ -104,8 +103,6 @@ def test_common_init_shares_every_matching_tensor_and_nothing_else():
     torch.manual_seed(3)
     plain = MoETransformer(_cfg(router="cosine"))
     assert not torch.equal(plain.embed.weight, ref.embed.weight)
-    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())  # build_reference forks the RNG
-    del before
 
 
 def test_reference_build_leaves_the_global_rng_alone():
