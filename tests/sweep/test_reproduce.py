@@ -7,7 +7,7 @@ import pytest
 
 from moelab.errors import MoelabError
 from moelab.sweep.reproduce import (
-    Claim, Condition, ConditionResult, all_claims, combine, decide, evaluate_claim, get_claim, update_docs,
+    Claim, Condition, ConditionResult, all_claims, combine, decide, evaluate_claim, demote_headings, get_claim, read_sections, update_docs,
 )
 from moelab.sweep.stats import paired_compare
 
@@ -84,3 +84,25 @@ def test_docs_page_keeps_other_claims_sections(tmp_path):
     update_docs(page, "alpha", "## alpha: **contradicted**\n\nnew a\n")
     text = page.read_text()
     assert text.startswith("# Reproductions") and "new a" in text and "text b" in text and "text a" not in text
+    assert "| [alpha](#alpha) | **contradicted** |" in text and "| [beta](#beta) | **inconclusive** |" in text
+
+
+def test_embedded_leaderboard_headings_never_split_a_claims_section(tmp_path):
+    # The bug this guards: a section embedding a leaderboard ("# Sweep leaderboard", "## Pairwise") was
+    # split at its "## Pairwise" heading, and the next claim's update overwrote the orphan part.
+    page = tmp_path / "r.md"
+    board = "# Sweep leaderboard: x\n\n| a |\n\n## Pairwise (val_loss)\n\n| pair A |"
+    update_docs(page, "alpha", f"## alpha: **reproduced**\n\n{demote_headings(board)}\n")
+    update_docs(page, "beta", f"## beta: **reproduced**\n\n{demote_headings(board.replace('pair A', 'pair B'))}\n")
+    update_docs(page, "gamma", "## gamma: **contradicted**\n")
+    secs = read_sections(page.read_text())
+    assert list(secs) == ["alpha", "beta", "gamma"]
+    assert "pair A" in secs["alpha"] and "pair B" in secs["beta"] and "#### Pairwise" in secs["alpha"]
+    assert "\n## Pairwise" not in page.read_text()
+
+
+def test_a_claims_wall_time_accumulates_over_the_commands_that_built_it(tmp_path):
+    from moelab.sweep.reproduce import add_wall_time
+
+    assert add_wall_time(tmp_path, 600.0) == 600.0
+    assert add_wall_time(tmp_path, 2.5) == 602.5  # a re-run that only decides adds its own seconds
