@@ -189,3 +189,50 @@ def test_bootstrap_se_matches_the_analytic_standard_error_of_a_mean():
     assert math.isnan(bootstrap_se([1.0], [4]))
     # token weighting: a window with no tokens is ignored
     assert bootstrap_se([1.0, 2.0, 99.0], [1, 1, 0]) == pytest.approx(bootstrap_se([1.0, 2.0], [1, 1]))
+
+
+def _windows(loss_W, tokens=10):
+    return [float(x) * tokens for x in loss_W], [tokens] * len(loss_W)
+
+
+def test_paired_eval_se_is_the_noise_of_the_per_window_differences_only():
+    """Window difficulty common to both runs cancels; what remains is sd(mean per-window difference)/sqrt(W)."""
+    from moelab.train.evalnoise import bootstrap_se, paired_bootstrap_se
+
+    rng = np.random.default_rng(5)
+    W = 500
+    hard_W = rng.normal(4.0, 0.8, W)  # the windows' common difficulty: a large per-run SE
+    d_SW = rng.normal(0.03, 0.05, (2, W))  # two seeds' per-window effects
+    a = [_windows(hard_W + d_SW[s]) for s in range(2)]
+    b = [_windows(hard_W) for _ in range(2)]
+    se = paired_bootstrap_se(a, b, n_boot=4000)
+    assert se == pytest.approx(d_SW.mean(0).std(ddof=1) / math.sqrt(W), rel=0.1)
+    assert bootstrap_se(*a[0]) > 10 * se  # one run's SE is dominated by the common difficulty
+    shifted = [_windows(hard_W + 0.05) for _ in range(2)]
+    assert paired_bootstrap_se(shifted, b) < 1e-9  # a constant shift has no evaluation noise
+    assert math.isnan(paired_bootstrap_se(a, b[:1]))  # unpaired seeds
+    assert math.isnan(paired_bootstrap_se([_windows(hard_W[:10])], [_windows(hard_W[:11])]))  # other windows
+
+
+def test_leaderboard_reports_the_eval_se_of_each_paired_difference(tmp_path):
+    from moelab.train.evalnoise import paired_bootstrap_se
+
+    rng = np.random.default_rng(6)
+    hard = rng.normal(4.0, 0.5, 200)
+    d = rng.normal(0.02, 0.1, (3, 200))
+    root = fake_sweep(tmp_path, {"a": [4.0, 4.01, 3.99], "b": [4.02, 4.03, 4.0]})
+    for s in range(3):
+        for g, loss in (("a", hard), ("b", hard + d[s])):
+            run = root / "runs" / f"{g}__seed{s}"
+            summ = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summ, "eval_step": 10}))
+            nll, tok = _windows(loss)
+            (run / "eval_windows.json").write_text(json.dumps({"step": 10, "nll": nll, "tokens": tok}))
+    pair = build_leaderboard(root, metric="val_loss", margin=0.01, baseline="a").pairs[0]
+    assert (pair.a, pair.b) == ("b", "a")
+    assert pair.eval_se == pytest.approx(d.mean(0).std(ddof=1) / math.sqrt(200), rel=0.15)
+    assert pair.eval_se == pytest.approx(paired_bootstrap_se([_windows(hard + d[s]) for s in range(3)],
+                                                             [_windows(hard)] * 3))
+    # a per-window record of another evaluation step than the summary's is not used
+    (root / "runs" / "b__seed1" / "eval_windows.json").write_text(json.dumps({"step": 5, "nll": nll, "tokens": tok}))
+    assert build_leaderboard(root, metric="val_loss", margin=0.01, baseline="a").pairs[0].eval_se is None

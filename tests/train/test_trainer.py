@@ -159,3 +159,16 @@ def test_lr_schedule():
     assert lr_at(55, t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     lrs = [lr_at(s, t) for s in range(10, 101)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+
+
+def test_each_eval_writes_its_per_window_losses(micro, tmp_path):
+    """eval_windows.json holds the latest evaluation's windows; they add up to the reported val loss."""
+    import json
+
+    run = tmp_path / "run"
+    summary = train(micro(steps=2), run, progress="off")
+    w = json.loads((run / "eval_windows.json").read_text())
+    assert w["step"] == summary["eval_step"] and len(w["nll"]) == len(w["tokens"]) == summary["eval_windows"]
+    assert sum(w["nll"]) / sum(w["tokens"]) == pytest.approx(summary["val_loss"], rel=1e-6)
+    last = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()][-1]
+    assert "window_nll" not in last and "window_tokens" not in last  # the log stays one short line per eval

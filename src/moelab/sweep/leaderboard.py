@@ -52,6 +52,7 @@ class RunResult:
     per_domain: dict[str, dict[str, float]]  # domain -> {"loss", "ppl"}
     train_curve: tuple[list[int], list[float]]
     val_curve: tuple[list[int], list[float]]
+    windows: tuple[list[float], list[int]] | None = None  # the final evaluation's per-window (nll, tokens)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class PairRow:
     unpaired: Comparison | None = None  # the Welch analysis of the same runs, for the width comparison
     signed_rank_p: float | None = None  # paired only: Wilcoxon check
     seeds_needed: int | None = None  # seeds after which the comparison is expected to decide
+    eval_se: float | None = None  # val loss only: the evaluation windows' bootstrap SE of the mean paired difference
 
     def to_dict(self) -> dict[str, Any]:
         def c(x: Comparison | None) -> dict[str, Any] | None:
@@ -83,7 +85,7 @@ class PairRow:
                                            "p_difference": x.p_difference, "p_equivalence": x.p_equivalence}
         return {"a": self.a, "b": self.b, "design": self.design, "n": self.n, "verdict": self.verdict,
                 "comparison": c(self.comparison), "unpaired": c(self.unpaired),
-                "signed_rank_p": self.signed_rank_p, "seeds_needed": self.seeds_needed}
+                "signed_rank_p": self.signed_rank_p, "seeds_needed": self.seeds_needed, "eval_se": self.eval_se}
 
 
 @dataclass
@@ -119,20 +121,21 @@ class Leaderboard:
     def pair_header(self) -> list[str]:
         unit = "ppl" if self.metric == "val_ppl" else "loss"
         return ["A", "B", "design", f"mean diff A-B ({unit})", "90% interval", "unpaired ±", "p (difference)",
-                f"p (TOST, ±{self.margin:g})", "sign-rank p", "seeds to decide", "verdict"]
+                f"p (TOST, ±{self.margin:g})", "sign-rank p", "seeds to decide", "eval SE of diff", "verdict"]
 
     def pair_rows(self) -> list[list[str]]:
         out = []
         for p in self.pairs:
             c = p.comparison
             if c is None:
-                out.append([p.a, p.b, p.design, "–", "–", "–", "–", "–", "–", "–", p.verdict])
+                out.append([p.a, p.b, p.design, "–", "–", "–", "–", "–", "–", "–", "–", p.verdict])
                 continue
             u = p.unpaired
             out.append([p.a, p.b, f"{p.design} (n={p.n})", f"{c.diff:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
                         "–" if u is None else f"±{(u.ci_high - u.ci_low) / 2:.3f}", _p(c.p_difference),
                         _p(c.p_equivalence), "–" if p.signed_rank_p is None else _p(p.signed_rank_p),
-                        "–" if p.seeds_needed is None else str(p.seeds_needed), p.verdict])
+                        "–" if p.seeds_needed is None else str(p.seeds_needed),
+                        "–" if p.eval_se is None else f"{p.eval_se:.4f}", p.verdict])
         return out
 
     def notes(self) -> list[str]:
@@ -154,8 +157,10 @@ class Leaderboard:
         se = [g.stats["val_loss_se"].mean for g in self.groups if g.stats.get("val_loss_se")]
         if se:
             n.append(f"evaluation noise: bootstrap standard error of one run's val loss over its evaluation windows "
-                     f"{min(se):.4f}–{max(se):.4f} (the same windows for every run; paired differences cancel most "
-                     "of it).")
+                     f"{min(se):.4f}–{max(se):.4f}; the same windows for every run, so a comparison carries only "
+                     "the noise of the per-window differences: 'eval SE of diff' (the windows' bootstrap SE of the "
+                     "mean paired difference, which the spread over seeds does not contain; – where the runs "
+                     "predate per-window records).")
         if self.groups and len(self.groups[0].runs) < 2 and self.pairs:
             n.append("pairwise tests need at least 2 seeds per configuration.")
         return n
@@ -229,7 +234,18 @@ def read_run(run_dir: Path, name: str, group: str, seed: int, *, tail_steps: int
     return RunResult(name, group, seed, config, values, per_domain,
                      ([r["step"] for r in metrics], [r["loss"] for r in metrics]),
                      ([e["step"] for e in evals if e.get("val_loss") is not None],
-                      [e["val_loss"] for e in evals if e.get("val_loss") is not None]))
+                      [e["val_loss"] for e in evals if e.get("val_loss") is not None]),
+                     _final_windows(run_dir, summary))
+
+
+def _final_windows(run_dir: Path, summary: dict) -> tuple[list[float], list[int]] | None:
+    """The per-window record of the evaluation the summary reports (None if absent or of another step)."""
+    p = run_dir / "eval_windows.json"
+    if not p.is_file():
+        return None
+    w = json.loads(p.read_text())
+    step = w.get("step")
+    return (w["nll"], w["tokens"]) if step is not None and step == summary.get("eval_step") else None
 
 
 def collect_results(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunResult], list[str]]:
@@ -329,12 +345,23 @@ def _pair_row(ga: GroupRow, gb: GroupRow, metric: str, margin: float, paired: bo
         sd = statistics.stdev([x - y for x, y in zip(a, b)])
         need = seeds_needed(c.diff, sd, margin=margin)
         return PairRow(ga.group, gb.group, c, c.verdict(metric not in HIGHER_IS_BETTER, (ga.group, gb.group)), "paired", len(common),
-                       unpaired, signed_rank_p(a, b), need)
+                       unpaired, signed_rank_p(a, b), need, _pair_eval_se(ga, gb, common) if metric == "val_loss" else None)
     if unpaired is None:
         return PairRow(ga.group, gb.group, None, "needs >= 2 seeds per configuration", "paired" if paired else "unpaired")
     sd = math.sqrt(statistics.variance(va.values()) + statistics.variance(vb.values()))
     return PairRow(ga.group, gb.group, unpaired, unpaired.verdict(metric not in HIGHER_IS_BETTER, (ga.group, gb.group)), "unpaired",
                    min(len(va), len(vb)), unpaired, None, seeds_needed(unpaired.diff, sd, margin=margin))
+
+
+def _pair_eval_se(ga: GroupRow, gb: GroupRow, seeds: list[int]) -> float | None:
+    from moelab.train.evalnoise import paired_bootstrap_se
+
+    wa = {r.seed: r.windows for r in ga.runs}
+    wb = {r.seed: r.windows for r in gb.runs}
+    if any(wa.get(s) is None or wb.get(s) is None for s in seeds):
+        return None
+    se = paired_bootstrap_se([wa[s] for s in seeds], [wb[s] for s in seeds])
+    return None if math.isnan(se) else se
 
 
 def write_leaderboard(sweep_dir: str | Path, out_dir: str | Path | None = None, **kwargs: Any) -> tuple[Leaderboard, Path, Path]:

@@ -25,3 +25,21 @@ def bootstrap_se(nll_W, count_W, *, n_boot: int = 1000, seed: int = 0) -> float:
     idx_BW = np.random.default_rng(seed).integers(0, nll.size, size=(n_boot, nll.size))
     means_B = nll[idx_BW].sum(1) / cnt[idx_BW].sum(1)
     return float(means_B.std(ddof=1))
+
+
+def paired_bootstrap_se(a_windows, b_windows, *, n_boot: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error, over evaluation windows, of the mean over seeds of the paired difference
+    ``loss(A_s) - loss(B_s)``; ``a_windows``/``b_windows``: per seed ``(nll_W, count_W)`` on the SAME
+    windows. Windows are resampled jointly for every run (the evaluation set is common to all of them),
+    so this is the evaluation's own noise in a comparison, which the spread over seeds does not contain."""
+    runs = [(np.asarray(n, float), np.asarray(c, float)) for n, c in (*a_windows, *b_windows)]
+    sizes = {n.size for n, _ in runs} | {c.size for _, c in runs}
+    if len(a_windows) != len(b_windows) or not a_windows or len(sizes) != 1 or sizes.pop() < 2:
+        return float("nan")
+    nll_RW = np.stack([n for n, _ in runs])
+    cnt_RW = np.stack([c for _, c in runs])
+    idx_BW = np.random.default_rng(seed).integers(0, nll_RW.shape[1], size=(n_boot, nll_RW.shape[1]))
+    loss_BR = nll_RW[:, idx_BW].sum(2).T / np.maximum(cnt_RW[:, idx_BW].sum(2).T, 1)
+    k = len(a_windows)
+    diff_B = (loss_BR[:, :k] - loss_BR[:, k:]).mean(1)
+    return float(diff_B.std(ddof=1))

@@ -60,6 +60,7 @@ from moelab.train.progress import Progress
 
 CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE = "config.json", "data_manifest.json", "tokenizer.json"
 METRICS_FILE, EVAL_FILE, SUMMARY_FILE, CKPT_DIR = "metrics.jsonl", "eval.jsonl", "summary.json", "checkpoints"
+EVAL_WINDOWS_FILE = "eval_windows.json"  # the latest evaluation's per-window losses (paired eval noise)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -115,7 +116,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[str], *, seq_len: int,
              batch_size: int, max_batches: int | None = None, device: torch.device | str = "cpu",
-             dtype: str = "float32", cache_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
+             dtype: str = "float32", cache_dir: str | None = None, progress: bool = False,
+             windows: bool = False) -> dict[str, Any]:
     """Token-weighted validation loss and perplexity, overall and per domain.
 
     Returns ``{"val_loss", "val_ppl", "tokens", "per_domain": {domain: {"loss", "ppl", "tokens"}},
@@ -125,7 +127,8 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     some router has none (SMEAR ``merge="sequence"``, expert-choice ``eval_routing="expert_choice"``):
     that number then uses later tokens and is not a language-model perplexity. ``val_loss_se``:
     bootstrap standard error over the evaluation windows (:mod:`moelab.train.evalnoise`).
-    ``progress``: a tqdm bar (stderr).
+    ``progress``: a tqdm bar (stderr). ``windows``: also return ``window_nll`` and ``window_tokens``
+    (summed loss and token count of each evaluation window, in window order) for paired comparisons.
     """
     from tqdm.auto import tqdm
 
@@ -163,9 +166,10 @@ def evaluate(model: torch.nn.Module, docs, tokenizer: Tokenizer, domains: list[s
     loss = sum(nll.values()) / total if total else float("nan")
     from moelab.train.evalnoise import bootstrap_se
 
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if total else float("nan"),
-            "tokens": total, "per_domain": per_domain, "causal": not non_causal, "non_causal_layers": non_causal,
-            "val_loss_se": bootstrap_se(win_nll, win_count), "windows": len(win_nll)}
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if total else float("nan"),
+           "tokens": total, "per_domain": per_domain, "causal": not non_causal, "non_causal_layers": non_causal,
+           "val_loss_se": bootstrap_se(win_nll, win_count), "windows": len(win_nll)}
+    return {**out, "window_nll": win_nll, "window_tokens": win_count} if windows else out
 
 
 def _stop_on_sigint() -> tuple[dict[str, bool], Callable[[], None]]:
@@ -461,8 +465,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             return None
         result = evaluate(fwd, data.tokens["val"], tokenizer, data.splits.domains, seq_len=cfg.data.seq_len,
                           batch_size=tcfg.eval_batch_size or tcfg.batch_size, max_batches=tcfg.eval_max_batches,
-                          device=device, dtype=tcfg.dtype, cache_dir=cfg.data.cache_dir)
+                          device=device, dtype=tcfg.dtype, cache_dir=cfg.data.cache_dir, windows=True)
         result = {"step": at_step, **result}
+        _write(run_dir / EVAL_WINDOWS_FILE, {"step": at_step, "nll": result.pop("window_nll"),
+                                            "tokens": result.pop("window_tokens")})
         evals.write(result)
         live.log_eval(result)
         bar.write(f"eval step {at_step}: val_loss={result['val_loss']:.4f} val_ppl={result['val_ppl']:.2f}")
