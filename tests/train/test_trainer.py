@@ -172,3 +172,25 @@ def test_each_eval_writes_its_per_window_losses(micro, tmp_path):
     assert sum(w["nll"]) / sum(w["tokens"]) == pytest.approx(summary["val_loss"], rel=1e-6)
     last = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()][-1]
     assert "window_nll" not in last and "window_tokens" not in last  # the log stays one short line per eval
+
+
+def test_backfilled_windows_equal_the_trainers_own_and_a_mismatch_is_refused(micro, tmp_path):
+    import json
+
+    from moelab.sweep.windows import backfill, backfill_run
+
+    run = tmp_path / "sweep" / "runs" / "a__seed0"
+    train(micro(steps=2), run, progress="off")
+    original = json.loads((run / "eval_windows.json").read_text())
+    (run / "eval_windows.json").unlink()
+    assert backfill(tmp_path / "sweep", write=lambda _: None) == 1
+    again = json.loads((run / "eval_windows.json").read_text())
+    assert again["step"] == original["step"] and again["tokens"] == original["tokens"]
+    assert again["nll"] == pytest.approx(original["nll"], rel=1e-5)
+    assert backfill(tmp_path / "sweep", write=lambda _: None) == 0  # nothing left to do
+    (run / "eval_windows.json").unlink()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": summary["val_loss"] + 0.1}))
+    with pytest.raises(MoelabError, match="not the .* it reported"):
+        backfill_run(run)
+    assert not (run / "eval_windows.json").exists()

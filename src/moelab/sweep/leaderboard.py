@@ -240,7 +240,9 @@ def read_run(run_dir: Path, name: str, group: str, seed: int, *, tail_steps: int
 
 def _final_windows(run_dir: Path, summary: dict) -> tuple[list[float], list[int]] | None:
     """The per-window record of the evaluation the summary reports (None if absent or of another step)."""
-    p = run_dir / "eval_windows.json"
+    from moelab.sweep.windows import WINDOWS_FILE
+
+    p = run_dir / WINDOWS_FILE
     if not p.is_file():
         return None
     w = json.loads(p.read_text())

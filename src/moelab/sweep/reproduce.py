@@ -180,6 +180,9 @@ def run_claim(claim: Claim, out_dir: str | Path, *, jobs: int = 1, scale: str = 
     if not result.ok:
         raise MoelabError(f"claim {claim.name!r}: {len(result.failed)} run(s) failed or the sweep was interrupted; "
                           f"see {out_dir}/logs (run the same command again to continue)")
+    from moelab.sweep.windows import backfill
+
+    backfill(out_dir)  # runs from before per-window records: re-evaluated once, checked against their val loss
     verdict, needed, rows = evaluate_claim(claim, out_dir)
     lb, _, _ = write_leaderboard(out_dir, metric="val_loss", margin=0.01, baseline=claim.conditions[0].b,
                                  allow_unfair=bool(claim.fairness.get("allow_unfair", False)) or None)
