@@ -26,21 +26,11 @@ from moelab.analysis import headline as H
 from moelab.analysis import metrics as M
 from moelab.analysis import plots as P
 from moelab.analysis.analyses import RunAnalysis, analyze_run
+from moelab.htmlpage import CSS, wrap  # the style sheet shared by every moelab page
 
 SECTION_IDS = ["summary", "config", "loss", "balance", "load", "specialisation", "coactivation", "stability",
                "geometry", "consistency", "variable_k"]
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #0072B2}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#eef3f8}td.l,th.l{text-align:left}img{max-width:100%;display:block;margin:.5em 0}
-.paper{color:#555;font-style:italic}.missing{color:#D55E00}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-nav a{margin-right:1em}.lead{font-size:1.15em}.lead b{font-size:1.2em}.note{color:#555}
-.warn{background:#fff4e5;border-left:4px solid #E69F00;padding:.4em .8em}details{margin:.6em 0}
-summary{cursor:pointer;color:#0072B2}code.tok{background:#f0f0f0;padding:0 .2em}
-"""
 
 
 @dataclass
@@ -64,7 +54,7 @@ def table_html(header: list[str], rows: list[list[Any]]) -> str:
     h = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(c)}</th>' for i, c in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{_fmt(v)}</td>' for i, v in enumerate(r))
                    + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+    return wrap(f"<table><tr>{h}</tr>{body}</table>")
 
 
 def _decoder(run_dir: Path):
