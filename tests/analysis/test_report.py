@@ -106,6 +106,7 @@ def _check_renders(page):
     got = render(page, _chromium())
     assert got["images"] > 0 and got["broken"] == [], got
     assert got["errors"] == [] and got["console"] == [], got
+    assert got["overflow"] <= 0, got  # the page body never scrolls sideways
     return got
 
 
@@ -130,6 +131,11 @@ def test_browser_probe_catches_a_broken_image(tmp_path):
                     "<img src='missing.png' alt='gone'><script>console.error('boom')</script></body></html>")
     got = render(page, _chromium())
     assert got["broken"] == ["gone"] and got["console"] == ["boom"] and got["errors"]
+    assert got["overflow"] == 0
+    wide = tmp_path / "wide.html"  # a table wider than the window, not in a scrolling box
+    wide.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body><table><tr>"
+                    + "<td>a_long_cell_value_that_does_not_wrap</td>" * 60 + "</tr></table></body></html>")
+    assert render(wide, _chromium())["overflow"] > 1000
 
 
 def test_report_without_traces_says_why(micro_run, tmp_path, capsys):

@@ -184,3 +184,15 @@ def test_legends_sit_outside_the_data_and_markers_stay_distinct(tmp_path):
     from moelab.sweep.plots import _point_style
 
     assert len({tuple(sorted(_point_style(i).items())) for i in range(24)}) == 24
+
+
+def test_leaderboard_page_renders_in_headless_chromium(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))  # the browser probe
+    from browser import check_page
+
+    groups = {f"configuration-with-a-long-name-{i}": [3.0 + i / 100, 3.01 + i / 100] for i in range(4)}
+    _, _, page = write_leaderboard(fake_sweep(tmp_path / "sw", groups), metric="val_loss", margin=0.05)
+    assert check_page(page)["images"] == 4
