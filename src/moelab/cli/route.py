@@ -146,10 +146,36 @@ def _cmd_predict(args) -> int:
         prompts += [ln.rstrip("\n") for ln in open(args.prompts_file) if ln.strip()]
     if not prompts:
         raise MoelabError("give at least one --prompt or --prompts-file")
-    idx = r.route(prompts, tradeoff=args.tradeoff, budget=args.budget)
-    for p, i in zip(prompts, idx):
-        print(json.dumps({"prompt": p[:80], "model": r.models[int(i)]}))
+    ex = r.route_explained(prompts, tradeoff=args.tradeoff, budget=args.budget)
+    for p, line in zip(prompts, _predictions(r, ex, args.all_models)):
+        print(json.dumps({"prompt": p[:80], **line}))
+    print(_predict_summary(r, ex, args), file=sys.stderr)
     return 0
+
+
+def _predictions(r, ex: dict, all_models: bool) -> list[dict]:
+    """One record per prompt: the chosen model and the router's estimates for it (and for every
+    model with --all-models)."""
+    out = []
+    for p, i in enumerate(ex["idx_P"]):
+        d = {"model": r.models[int(i)], "est_quality": round(float(ex["quality_P"][p]), 4),
+             "est_cost_usd": float(f"{ex['cost_P'][p]:.4g}")}
+        if all_models:
+            d["estimates"] = {m: {"quality": round(float(ex["q_PM"][p, j]), 4),
+                                  "cost_usd": float(f"{ex['c_PM'][p, j]:.4g}")} for j, m in enumerate(r.models)}
+        out.append(d)
+    return out
+
+
+def _predict_summary(r, ex: dict, args) -> str:
+    """Why these models: the setting used and the mean estimated quality and cost it buys."""
+    from collections import Counter
+
+    setting = f"budget ${args.budget:g} per prompt" if args.budget is not None else f"tradeoff {args.tradeoff:g}"
+    counts = Counter(r.models[int(i)] for i in ex["idx_P"])
+    picked = ", ".join(f"{m} x{n}" for m, n in counts.most_common())
+    return (f"{r.name} at {setting}: {picked}; estimated mean quality {ex['quality_P'].mean():.3f}, "
+            f"estimated mean cost ${ex['cost_P'].mean():.3g} per prompt (the router's estimates, not measurements)")
 
 
 def register(subparsers) -> None:
@@ -208,6 +234,8 @@ def register(subparsers) -> None:
     s.add_argument("--prompts-file", help="text file, one prompt per line")
     s.add_argument("--tradeoff", type=float, default=0.5, help="0 = quality only, 1 = cost only")
     s.add_argument("--budget", type=float, help="mean USD per prompt (overrides --tradeoff)")
+    s.add_argument("--all-models", action="store_true",
+                   help="also print every model's estimated quality and cost for each prompt (why this model)")
     s.set_defaults(func=_cmd_predict)
 
     from moelab.cli import route_serve
