@@ -81,3 +81,14 @@ def test_the_page_renders_in_headless_chromium(page):
     from browser import check_page
 
     assert check_page(page)["images"] == 2
+
+
+def test_compare_shows_its_stages_in_a_progress_bar(capsys):
+    ds = topic_dataset(n=120, n_models=2, n_topics=2, seed=1)
+    compare(ds, ["cheapest", "knn"], n_boot=0, feature_dim=8, log=lambda s: None, tune=False, progress=True)
+    err = capsys.readouterr().err
+    for stage in ("fitting tfidf-svd on", "features of", "test prompts", "oracle", "fitting and sweeping knn"):
+        assert stage in err, (stage, err[-500:])
+    assert "route compare" in err and "6/6" in err
+    compare(ds, ["cheapest"], n_boot=0, log=lambda s: None, tune=False, progress=False)
+    assert capsys.readouterr().err == ""

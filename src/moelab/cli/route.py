@@ -121,6 +121,7 @@ def _cmd_fit(args) -> int:
                           f"({', '.join(ds.models)}); pick two with --models A,B")
     feat = _featurizer(args)
     if cls.needs_features and feat is None:
+        print(f"fitting TF-IDF+SVD features on {ds.n_prompts} prompts ...", file=sys.stderr)
         cache = None if args.no_cache else default_cache_dir()
         feat = TfidfSvdFeaturizer(dim=args.feature_dim).fit_cached(ds.require_texts(), cache)
     chosen = {}
@@ -128,6 +129,7 @@ def _cmd_fit(args) -> int:
         from moelab.route.tuning import tune_router
 
         x = feat.transform(ds.require_texts()) if cls.needs_features else None
+        print(f"cross-validating {args.router}'s grid ({args.cv_folds} folds) ...", file=sys.stderr)
         chosen = tune_router(args.router, ds, x, fixed=opts.get(args.router, {}), folds=args.cv_folds)["chosen"]
     r = build_router(args.router, **{**opts.get(args.router, {}), **chosen})
     r.fit(ds, featurizer=feat)

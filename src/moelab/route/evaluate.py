@@ -197,16 +197,35 @@ def _split_info(ds, train, test, group_by, log) -> dict:
     return info
 
 
+def _stage_bar(total: int, progress: bool | None):
+    """A tqdm bar over the comparison's stages (stderr; ``None``: only on a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="route compare", unit="stage", file=sys.stderr, leave=False,
+                disable=None if progress is None else not progress, dynamic_ncols=True)
+
+
+def _stage(bar, what: str) -> None:
+    """Close the previous stage (the first call closes none) and name the one starting."""
+    if getattr(bar, "_moelab_started", False):
+        bar.update(1)
+    bar._moelab_started = True
+    bar.set_postfix_str(what)
+
+
 def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, group_by: str = "prompt",
             seed: int = 0, n_boot: int = 200, feature_dim: int = 128, router_options: dict | None = None,
             cache_dir: str | Path | None = None, log=print, tune: bool = True, cv_folds: int = 3,
-            featurizer=None, reference: str = "knn") -> dict:
+            featurizer=None, reference: str = "knn", progress: bool | None = None) -> dict:
     """Split ``ds``, fit one featurizer on the training texts, tune each router's grid by
     ``cv_folds``-fold cross-validation on the training split (``tune=True``; values given in
     ``router_options`` are kept fixed), fit and sweep every router on the test split, and return a
     JSON-able result (the oracle is always evaluated, for the gap). ``featurizer``: a
     :class:`~moelab.route.features.Featurizer` to use instead of TF-IDF+SVD (e.g. a local
-    embedding model); it is fitted on the training texts."""
+    embedding model); it is fitted on the training texts. ``progress``: a tqdm bar of the stages
+    (features, then each router's tuning, fit and sweep) on stderr; None shows it on a terminal only."""
     from moelab.route.tuning import tune_router
 
     router_options = router_options or {}
@@ -215,20 +234,27 @@ def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, grou
     split_info = _split_info(ds, train, test, group_by, log)
     t0 = time.perf_counter()
     feat = featurizer if featurizer is not None else TfidfSvdFeaturizer(dim=feature_dim, seed=seed)
+    needs = any(MODEL_ROUTERS.get(r).needs_features for r in routers)
+    bar = _stage_bar(3 * needs + 1 + len(routers), progress)
     x_tr = x_te = None
-    if any(MODEL_ROUTERS.get(r).needs_features for r in routers):
+    if needs:
+        _stage(bar, f"fitting {getattr(feat, 'kind', 'features')} on {train.n_prompts} training prompts")
         if isinstance(feat, TfidfSvdFeaturizer):
             feat.fit_cached(train.require_texts(), cache_dir)
         else:
             feat.fit(train.require_texts())
+        _stage(bar, f"features of {train.n_prompts} training prompts")
         x_tr = feat.transform(train.require_texts(), cache_dir)
+        _stage(bar, f"features of {test.n_prompts} test prompts")
         x_te = feat.transform(test.require_texts(), cache_dir)
     feat_s = time.perf_counter() - t0
     log(f"{ds.name}: {train.n_prompts} train / {test.n_prompts} test prompts, models {ds.models}; "
         f"features {feat_s:.1f}s")
+    _stage(bar, "oracle")
     osw = sweep(build_router("oracle").fit(train), test)
     results = {}
     for name in routers:
+        _stage(bar, f"{'tuning, ' if tune else ''}fitting and sweeping {name}")
         opts, tuned = dict(router_options.get(name, {})), None
         if tune:
             tuned = tune_router(name, train, x_tr, fixed=opts, folds=cv_folds, seed=seed, group_by=group_by)
@@ -245,6 +271,8 @@ def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, grou
         m = results[name]["metrics"]
         log(f"  {name:12s} fit {fit_s:6.2f}s  AIQ {m['aiq']:.4f}  gap closed {m['gap_closed']:.3f}  "
             f"Q@35%best {m['q_at_35best']:.4f}" + (f"  tuned {tuned['chosen']}" if tuned and tuned["chosen"] else ""))
+    _stage(bar, "done")
+    bar.close()
     if reference in results:
         _paired_vs(results, reference)
     for r in results.values():
