@@ -320,3 +320,34 @@ def test_top_token_tables_show_whitespace(report):
     tables = re.findall(r"top tokens per expert.*?</table>", text, re.S)
     assert tables and any("␣" in t for t in tables)  # the byte-level corpus routes spaces
     assert not re.search(r"‹ ›|‹\n›", text)  # never a bare space or newline between the guillemets
+
+
+class _TTY:
+    """A terminal-like stderr (tqdm shows its bar only on a terminal)."""
+
+    def __init__(self):
+        import io
+
+        self.buf = io.StringIO()
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_eval_and_analyze_show_progress_on_a_terminal(micro_run, tmp_path, monkeypatch, tiny_moe):
+    tty = _TTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert main(["eval", str(micro_run), "--max-batches", "1"]) == 0
+    assert "evaluating" in tty.buf.getvalue() and "batch" in tty.buf.getvalue()
+    import shutil as sh
+
+    run = tmp_path / "copy"
+    sh.copytree(micro_run, run, ignore=sh.ignore_patterns("analysis"))  # nothing traced yet
+    assert main(["analyze", str(run), "--steps", "8", "--windows", "2"]) == 0
+    assert "tracing checkpoints" in tty.buf.getvalue()
