@@ -106,6 +106,7 @@ def _check_renders(page):
     got = render(page, _chromium())
     assert got["images"] > 0 and got["broken"] == [], got
     assert got["errors"] == [] and got["console"] == [], got
+    assert got["overflow"] <= 0, got  # the page body never scrolls sideways
     return got
 
 
@@ -130,6 +131,11 @@ def test_browser_probe_catches_a_broken_image(tmp_path):
                     "<img src='missing.png' alt='gone'><script>console.error('boom')</script></body></html>")
     got = render(page, _chromium())
     assert got["broken"] == ["gone"] and got["console"] == ["boom"] and got["errors"]
+    assert got["overflow"] == 0
+    wide = tmp_path / "wide.html"  # a table wider than the window, not in a scrolling box
+    wide.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body><table><tr>"
+                    + "<td>a_long_cell_value_that_does_not_wrap</td>" * 60 + "</tr></table></body></html>")
+    assert render(wide, _chromium())["overflow"] > 1000
 
 
 def test_report_without_traces_says_why(micro_run, tmp_path, capsys):
@@ -256,3 +262,92 @@ def test_compare_labels_and_budget_warnings(micro_run, tmp_path):
     assert md.startswith("> warning: The runs differ in steps") and "| lr (train.lr=0.5) |" in md
     assert compare_runs([micro_run, micro_run]).warnings() == []
     assert "smoothed (EMA), raw values faint" in comp.to_html()
+
+
+# ----------------------------------------------------------------- captions, heatmaps, tokens (issue 22)
+
+_STOP = {"the", "and", "that", "this", "with", "from", "each", "per", "over", "between", "across", "step", "steps"}
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z][a-z\-]+", text.lower()) if len(w) > 3 and w not in _STOP}
+
+
+def test_captions_add_to_the_title_instead_of_repeating_it(report):
+    """Every figure caption says something its section title does not: at least 8 words of its own."""
+    ra, _ = report
+    from moelab.analysis.report import build_sections
+
+    n = 0
+    for s in build_sections(ra):
+        for name, _, cap in s.images:
+            new = _words(cap) - _words(s.title) - _words(name.replace("_", " "))
+            assert len(new) >= 8, (s.title, name, cap)
+            n += 1
+    assert n >= 10
+
+
+def test_compare_captions_say_what_to_look_for(micro_run, tmp_path):
+    comp = compare_runs([micro_run, _fake_copy(micro_run, tmp_path / "o", val_loss=1.5)])
+    for name, _, cap in comp.figures():
+        assert len(_words(cap) - _words(name.replace("_", " "))) >= 8, cap
+
+
+def test_heatmap_ticks_are_integers_and_titles_legible():
+    import numpy as np
+
+    from moelab.analysis import plots as P
+
+    fig = P.matrix_heatmaps([(f"layer {i}", np.random.default_rng(i).random((16, 3))) for i in range(4)],
+                            "domain", "expert", "share", xticklabels=["code", "prose", "math"])
+    r = fig.canvas.get_renderer()
+    heatmaps = [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+    assert len(heatmaps) == 4
+    for ax in heatmaps:
+        ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert ticks and all(t.isdigit() for t in ticks), ticks  # expert indices, not 2.5, 7.5
+        assert ax.title.get_fontsize() >= 9
+        tb = ax.title.get_window_extent(r)
+        assert tb.x0 >= ax.bbox.x0 - 30 and tb.x1 <= ax.bbox.x1 + 30  # the title fits over its own heatmap
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_top_token_tables_show_whitespace(report):
+    _, page = report
+    text = page.read_text()
+    tables = re.findall(r"top tokens per expert.*?</table>", text, re.S)
+    assert tables and any("␣" in t for t in tables)  # the byte-level corpus routes spaces
+    assert not re.search(r"‹ ›|‹\n›", text)  # never a bare space or newline between the guillemets
+
+
+class _TTY:
+    """A terminal-like stderr (tqdm shows its bar only on a terminal)."""
+
+    def __init__(self):
+        import io
+
+        self.buf = io.StringIO()
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_eval_and_analyze_show_progress_on_a_terminal(micro_run, tmp_path, monkeypatch, tiny_moe):
+    tty = _TTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert main(["eval", str(micro_run), "--max-batches", "1"]) == 0
+    assert "evaluating" in tty.buf.getvalue() and "batch" in tty.buf.getvalue()
+    import shutil as sh
+
+    run = tmp_path / "copy"
+    sh.copytree(micro_run, run, ignore=sh.ignore_patterns("analysis"))  # nothing traced yet
+    assert main(["analyze", str(run), "--steps", "8", "--windows", "2"]) == 0
+    assert "tracing checkpoints" in tty.buf.getvalue()

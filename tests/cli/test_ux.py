@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +64,40 @@ def _options(parser: argparse.ArgumentParser):
 
 
 def test_every_option_has_help_and_states_its_default():
-    """Every option has help; one with a default (not off/None) states it. `route` is owned elsewhere."""
-    missing = [name for name, h, d in _options(build_parser())
-               if not name.startswith(("route ",)) and
-               (not h or (d not in (None, False, [], argparse.SUPPRESS) and "default" not in h))]
+    """Every option of every command (`route` and its sub-commands included) has help; one with a
+    default (not off/None) states it."""
+    opts = list(_options(build_parser()))
+    assert any(name.startswith("route compare ") for name, _, _ in opts)
+    assert any(name.startswith("route serve ") for name, _, _ in opts)
+    missing = [name for name, h, d in opts
+               if not h or (d not in (None, False, [], argparse.SUPPRESS) and "default" not in h)]
     assert missing == []
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "moelab"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_command_has_a_description_and_no_raw_markup():
+    """`moelab route --help` printed the module docstring with ``double backticks``; every help page
+    is plain text and says what its command does."""
+    pages = dict(_parsers(build_parser()))
+    assert {"moelab route", "moelab route compare", "moelab route predict", "moelab route serve"} <= set(pages)
+    for name, p in pages.items():
+        text = p.format_help()
+        assert p.description and len(p.description) > 20, name
+        assert not re.search(r"``|:(mod|class|func|meth|attr):`", text), (name, text[:300])
+
+
+def test_route_help_lists_the_subcommands_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["route", "compare", "--help"])
+    out = capsys.readouterr().out
+    assert "CV-tune and fit every router" in out and "(default: 0.3)" in out and "(default: 200)" in out
 
 
 def test_summary_labels_the_steps_each_metric_is_from():

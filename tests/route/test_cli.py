@@ -60,3 +60,33 @@ def test_budget_below_cheapest_is_a_clear_error(tmp_path, capsys):
     assert main(["route", "predict", str(rdir), "--prompt", "poetry", "--budget", "1e-9"]) == 2
     assert "budget=1e-09" in capsys.readouterr().err
     assert np.isfinite(1.0)
+
+
+def test_predict_prints_the_choice_with_its_estimated_quality_and_cost(tmp_path, capsys):
+    """A budget and a trade-off may pick different models: each line says what the router expects of
+    its choice, and --all-models shows every model's estimate (the oracle: the router's estimate())."""
+    from moelab.route.base import load_router
+
+    data = _write(tmp_path)
+    rdir = tmp_path / "knn"
+    assert main(["route", "fit", "knn", "--data", str(data), "--out", str(rdir), "--feature-dim", "16",
+                 "--no-cache", "--no-tune"]) == 0
+    capsys.readouterr()
+    prompts = ["algebra algebra question", "poetry poetry verse"]
+    args = ["route", "predict", str(rdir), "--prompt", prompts[0], "--prompt", prompts[1], "--all-models"]
+    assert main([*args, "--tradeoff", "0"]) == 0
+    cap = capsys.readouterr()
+    lines = [json.loads(x) for x in cap.out.strip().splitlines()]
+    q_PM, c_PM = load_router(rdir).estimate(prompts)
+    for p, got in enumerate(lines):
+        j = ["model0", "model1"].index(got["model"])
+        assert got["est_quality"] == round(float(q_PM[p, j]), 4)
+        assert got["est_cost_usd"] == float(f"{c_PM[p, j]:.4g}")
+        assert got["est_quality"] == max(v["quality"] for v in got["estimates"].values())  # quality only
+    assert "knn at tradeoff 0: " in cap.err and "estimated mean quality" in cap.err
+    assert main([*args[:-1], "--tradeoff", "1"]) == 0
+    cheap = capsys.readouterr()
+    assert all(json.loads(x)["model"] == "model0" for x in cheap.out.strip().splitlines())  # the cheaper model
+    assert "estimates" not in cheap.out
+    assert main([*args[:-1], "--budget", "1.5e-3"]) == 0
+    assert "knn at budget $0.0015 per prompt" in capsys.readouterr().err

@@ -134,3 +134,65 @@ def test_unfinished_runs_are_listed_and_bad_arguments(tmp_path):
         build_leaderboard(sweep, margin=0)
     with pytest.raises(MoelabError, match="not a sweep directory"):
         build_leaderboard(tmp_path / "runs")
+
+
+# ----------------------------------------------------------------- what the page shows (issue 22)
+
+
+def test_one_seed_says_pairwise_tests_need_two_seeds_instead_of_dashes(tmp_path):
+    lb, md, page = write_leaderboard(fake_sweep(tmp_path / "sw", {"a": [3.0], "c": [3.5]}))
+    for text in (md.read_text(), page.read_text()):
+        assert "Pairwise tests need ≥2 seeds per configuration; this sweep has 1 seed(s)" in text
+        assert "| a | c |" not in text and "<th class=\"l\">A</th>" not in text  # no table of dashes
+    lb2 = build_leaderboard(fake_sweep(tmp_path / "sw3", {"a": A, "c": C}))
+    assert lb2.pairwise_possible() and "need ≥2 seeds" not in lb2.to_markdown()
+
+
+def _figs(tmp_path, groups, **run_kw):
+    from moelab.sweep import plots
+
+    lb = build_leaderboard(fake_sweep(tmp_path, groups, **run_kw), allow_unfair=True)
+    return {f: (fig, cap) for f, fig, cap in plots.build_figures(lb)}, lb
+
+
+def test_a_small_parameter_difference_stays_small_on_the_axis(tmp_path):
+    """1000 vs 1003 active parameters (0.3%) may not fill the x axis (autoscale would)."""
+    figs, _ = _figs(tmp_path, {"a": A, "c": C}, c={"active": 1003})
+    ax = figs["sweep_quality_vs_active.png"][0].axes[0]
+    lo, hi = ax.get_xlim()
+    assert (hi - lo) >= 0.1 * 1001.5 * 0.999 and lo < 1000 < 1003 < hi
+    assert (1003 - 1000) / (hi - lo) < 0.05
+    from moelab.sweep.plots import pad_relative  # a real spread is left to autoscale
+
+    fig, ax2 = __import__("matplotlib.pyplot", fromlist=["x"]).subplots()
+    ax2.set_xlim(0, 1)
+    pad_relative(ax2, "x", 1000, 2000)
+    assert ax2.get_xlim() == (0, 1)
+
+
+def test_legends_sit_outside_the_data_and_markers_stay_distinct(tmp_path):
+    groups = {f"configuration-with-a-long-name-{i}": [3.0 + i / 100, 3.01 + i / 100] for i in range(10)}
+    figs, lb = _figs(tmp_path, groups)
+    for fname, (fig, cap) in figs.items():
+        ax = fig.axes[0]
+        r = fig.canvas.get_renderer()
+        leg = ax.get_legend().get_window_extent(r)
+        below = min(ax.bbox.y0, ax.xaxis.get_tightbbox(r).y0)  # the x tick labels and axis label
+        assert leg.y1 <= below + 1, fname  # under the data and the x axis, overlapping neither
+        assert len(ax.get_legend().get_texts()) == 10
+        assert cap != ax.get_title() and len(cap) > 40  # the caption says what to look for
+    from moelab.sweep.plots import _point_style
+
+    assert len({tuple(sorted(_point_style(i).items())) for i in range(24)}) == 24
+
+
+def test_leaderboard_page_renders_in_headless_chromium(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))  # the browser probe
+    from browser import check_page
+
+    groups = {f"configuration-with-a-long-name-{i}": [3.0 + i / 100, 3.01 + i / 100] for i in range(4)}
+    _, _, page = write_leaderboard(fake_sweep(tmp_path / "sw", groups), metric="val_loss", margin=0.05)
+    assert check_page(page)["images"] == 4

@@ -146,6 +146,15 @@ class Comparison:
         lines += ["| " + " | ".join(f(v) for v in row) + " |" for row in self.table()]
         return "\n".join([f"> warning: {w}" for w in self.warnings()] + ([""] if self.warnings() else []) + lines)
 
+    CAPTIONS = {
+        "train loss": "Train loss smoothed (EMA), raw values faint; lower is better. Runs that separate only late "
+                      "differ in how they use the budget rather than in how they start.",
+        "val loss": "Lower is better. Runs with the same data settings are evaluated on the same validation tokens "
+                    "(a warning at the top says when they are not).",
+        "mean load CV": "0 means every expert gets the same share of tokens; a curve that keeps rising is a run "
+                        "collapsing onto fewer experts.",
+    }
+
     def figures(self) -> list[tuple[str, bytes, str]]:
         figs = []
         for key, ylabel in (("train loss", "train loss (nats/token)"), ("val loss", "validation loss (nats/token)"),
@@ -155,7 +164,7 @@ class Comparison:
             if runs:
                 fname = key.replace(" ", "_") + ".png"
                 smooth = H.smooth if key == "train loss" else None
-                cap = f"{key}: smoothed (EMA), raw values faint" if smooth else key
+                cap = self.CAPTIONS[key]
                 figs.append((fname, P.png_bytes(P.overlay_curves(runs, "training step", ylabel, key, smooth=smooth)), cap))
         return figs
 

@@ -26,21 +26,21 @@ from moelab.analysis import headline as H
 from moelab.analysis import metrics as M
 from moelab.analysis import plots as P
 from moelab.analysis.analyses import RunAnalysis, analyze_run
+from moelab.htmlpage import CSS, wrap  # the style sheet shared by every moelab page
+
+TRAJ_HINTS = {  # what to look for in each balance trajectory (figure captions)
+    "load_max_over_mean": "1 is perfect balance; a layer that stays high sends most tokens to a few experts.",
+    "load_cv": "0 is perfect balance; look for the surge, then stabilisation, early in training.",
+    "dropped_frac": "Slots over an expert's capacity; above 0, those tokens skip the experts in that layer.",
+    "router_entropy": "Falling entropy means sharper routing decisions; a flat high line means the router is unsure.",
+    "experts_per_token": "Varies only with dynamic-k routers; a drift shows where the router spends compute.",
+    "unused_experts": "Experts that received no token in the step; a plateau above 0 means dead experts.",
+    "bias_norm": "A bias that keeps growing means the balancing bias is fighting the router's preferences.",
+}
 
 SECTION_IDS = ["summary", "config", "loss", "balance", "load", "specialisation", "coactivation", "stability",
                "geometry", "consistency", "variable_k"]
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #0072B2}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#eef3f8}td.l,th.l{text-align:left}img{max-width:100%;display:block;margin:.5em 0}
-.paper{color:#555;font-style:italic}.missing{color:#D55E00}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-nav a{margin-right:1em}.lead{font-size:1.15em}.lead b{font-size:1.2em}.note{color:#555}
-.warn{background:#fff4e5;border-left:4px solid #E69F00;padding:.4em .8em}details{margin:.6em 0}
-summary{cursor:pointer;color:#0072B2}code.tok{background:#f0f0f0;padding:0 .2em}
-"""
 
 
 @dataclass
@@ -64,7 +64,7 @@ def table_html(header: list[str], rows: list[list[Any]]) -> str:
     h = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(c)}</th>' for i, c in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{_fmt(v)}</td>' for i, v in enumerate(r))
                    + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+    return wrap(f"<table><tr>{h}</tr>{body}</table>")
 
 
 def _decoder(run_dir: Path):
@@ -149,7 +149,9 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     # ---- loss
     s = secs["loss"]
     if ra.metrics or ra.evals:
-        s.images.append(("loss.png", P.png_bytes(P.loss_curves(ra.metrics, ra.evals)), f"{len(ra.metrics)} training steps; validation at {len(ra.evals)} evaluations."))
+        s.images.append(("loss.png", P.png_bytes(P.loss_curves(ra.metrics, ra.evals)), f"Training loss at each of {len(ra.metrics)} steps, validation loss at {len(ra.evals)} evaluations. "
+                         "A validation curve that turns up while training loss keeps falling is overfitting; a gap "
+                         "between domains shows which text the model finds harder."))
     else:
         s.body.append('<p class="missing">metrics.jsonl and eval.jsonl are empty.</p>')
     # ---- balance trajectories
@@ -168,7 +170,7 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
             continue
         s.images.append((f"traj_{key}.png", P.png_bytes(P.trajectory(d["steps"], d["values"], layer_ids, labels[key],
                                                                     labels[key] + " per MoE layer")),
-                         f"One line per MoE layer, every logged step ({len(d['steps'])} steps)."))
+                         f"One line per MoE layer, {len(d['steps'])} logged steps. {TRAJ_HINTS[key]}"))
     if flat:
         s.body.append("<p class='note'>Constant over the whole run in every layer (not plotted): "
                       + html.escape("; ".join(flat)) + ".</p>")
@@ -180,7 +182,8 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     hm = [(l, st, f) for l, st, f in hm if len(st) > 1]
     if hm:
         s.images.append(("load_heatmap.png", P.png_bytes(P.load_heatmaps(hm)),
-                         "Share of routed slots per expert (rows) over training (columns), per layer."))
+                         "Rows are experts, columns logged steps. Even colour down a column is balance; a bright row is an "
+                         "expert taking more than its share, a dark row one that stopped receiving tokens."))
     else:
         s.body.append('<p class="missing">Not enough steps with expert counts in metrics.jsonl.</p>')
 
@@ -201,11 +204,13 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     s.images.append(("domain_heatmap.png", P.png_bytes(P.matrix_heatmaps(
         [(f"layer {x['layer']} (score {_fmt(x['specialisation'], 3)})", M.domain_distribution(x["domain_counts_EN"])[:, :len(domains)])
          for x in L], "domain", "expert", "share of domain's slots", xticklabels=domains)),
-        f"Expert x domain routing distribution at step {step} (columns sum to 1)."))
+        f"At step {step}; each domain's column sums to 1. A column concentrated on a few experts means those "
+        "experts specialise in that domain; columns that look alike mean routing ignores the domain."))
     series = {f"step {st}": [x["specialisation"] for x in ra.trace_results[st]["layers"]] for st in traced}
     s.images.append(("specialisation.png", P.png_bytes(P.per_layer_bars(
         [x["layer"] for x in L], series, "normalised MI", "Specialisation score per layer", (0, 1))),
-        "Specialisation score per layer at each traced checkpoint."))
+        "0: the expert does not depend on the domain; 1: the domain determines the expert. Compare the "
+        "checkpoints to see whether specialisation grows during training and in which layers."))
     for x in L:
         rows = [[f"expert {e}", int(x["counts"][e]), ", ".join(f"‹{dec(i)}› ({c}, {sh:.0%})" for i, c, sh in tt)]
                 for e, tt in enumerate(x["top_tokens"])]
@@ -217,7 +222,8 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     s.paper = "Co-activation P(j | i) of experts i, j for the same token, as in OLMoE (Muennighoff et al., 2024)."
     s.images.append(("coactivation.png", P.png_bytes(P.matrix_heatmaps(
         [(f"layer {x['layer']}", x["coactivation_EE"]) for x in L], "expert j", "expert i", "P(j routed | i routed)",
-        vmin=0, vmax=1)), f"Expert co-activation at step {step}."))
+        vmin=0, vmax=1)), f"At step {step}; row i shows how often each expert j is also chosen when i is. Bright cells off the "
+        "diagonal are experts chosen together (complementary or redundant); a flat matrix is independent choice."))
     # ---- stability
     s = secs["stability"]
     s.paper = "Router saturation as in OLMoE (Muennighoff et al., 2024): share of final-checkpoint experts already chosen."
@@ -228,10 +234,13 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
         sat = {f"layer {l}": [r["saturation_vs_final"][j]["saturation"] for r in ra.stability] for j, l in enumerate(lids)}
         s.images.append(("stability_changed.png", P.png_bytes(P.series_by_step(
             xs, chg, "checkpoint step (vs the next traced one)", "fraction of tokens", "Tokens whose expert set changed",
-            (0, 1))), "Fraction of traced tokens whose expert set changed to the next traced checkpoint."))
+            (0, 1))), "Share of traced tokens routed to a different set of experts at the next traced checkpoint. "
+                               "Falling towards 0 means routing has settled; late changes mean experts are still "
+                               "being reassigned."))
         s.images.append(("stability_saturation.png", P.png_bytes(P.series_by_step(
             xs, sat, "checkpoint step", "router saturation", f"Router saturation vs step {traced[-1]}", (0, 1))),
-            "OLMoE router saturation with respect to the last traced checkpoint."))
+            "Share of the last checkpoint's expert choices already made at each step; values near 1 early on "
+            "mean routing was decided early in training (as OLMoE observed)."))
         rows = [[f"{r['step']} → {r['reference_step']}", *[x["changed_frac"] for x in r["layers"]]] for r in ra.stability]
         s.body.append(table_html(["checkpoints", *[f"layer {l} changed" for l in lids]], rows))
     else:
@@ -244,10 +253,12 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
     if geo:
         s.images.append(("geometry_router_hidden.png", P.png_bytes(P.per_expert_bars(
             [(x["layer"], x["geometry"]["router_hidden_cos_E"]) for x in geo], "cosine", "router row vs mean routed hidden")),
-            "Cosine between each expert's router direction and the mean hidden state routed to it."))
+            "Positive bars: each expert's router row points towards the tokens it receives (the router has learned "
+            "its experts' geometry); bars near 0: routing is not aligned with the hidden states."))
         s.images.append(("geometry_router_router.png", P.png_bytes(P.matrix_heatmaps(
             [(f"layer {x['layer']}", x["geometry"]["router_router_cos_EE"]) for x in geo], "expert", "expert",
-            "cosine of router rows", vmin=-1, vmax=1)), "Cosine similarity between router directions."))
+            "cosine of router rows", vmin=-1, vmax=1)), "Off-diagonal cells near 0 mean the router tells its experts apart; bright pairs are experts with "
+            "nearly the same router direction, which compete for the same tokens."))
         s.body.append(table_html(["layer", "mean cos(router, routed hidden)", "mean off-diagonal cos(router, router)"],
                                  [[x["layer"], x["geometry"]["mean_router_hidden_cos"],
                                    x["geometry"]["mean_offdiag_router_cos"]] for x in geo]))
@@ -262,7 +273,8 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
         [x["layer"] for x in L], {"consecutive-token Jaccard": [x["consecutive_overlap"] for x in L],
                                   f"SRP (segment {L[0]['srp_seg_len']})": [x["srp"] for x in L],
                                   "SCH (cache 2k)": [x["sch"] for x in L]},
-        "score", "Local routing consistency per layer", (0, 1))), "Consistency across consecutive tokens."))
+        "score", "Local routing consistency per layer", (0, 1))), "Higher bars: neighbouring tokens reuse the same experts, so expert offloading and caching need "
+        "fewer loads (Liang et al. 2025); compare layers to see where routing is most local."))
     alc = last["adjacent_layer_consistency"]
     if len(alc):
         s.body.append("<h3>Across adjacent layers</h3>" + table_html(
@@ -280,11 +292,13 @@ def build_sections(ra: RunAnalysis) -> list[Section]:
         s.images.append(("experts_per_token_hist.png", P.png_bytes(P.per_expert_bars(
             [(x["layer"], np.asarray(x["experts_per_token_hist"], float) / max(1, int(np.sum(x["experts_per_token_hist"]))))
              for x in L], "share of tokens", "experts per token", xlabel="experts used by the token")),
-            f"Traced tokens at step {step}; x axis: number of experts a token used."))
+            f"At step {step}. A spread-out histogram means the router gives some tokens more compute than others; "
+            "a single bar means it behaves like fixed top-k."))
     evl = [(x["layer"], x["experts_vs_loss"]) for x in L if "experts_vs_loss" in x]
     if evl:
         s.images.append(("experts_vs_loss.png", P.png_bytes(P.experts_vs_loss(evl)),
-                         "Mean token loss by number of experts used (variable-k routing)."))
+                         "If the router spends more experts on harder tokens, loss rises with the number of experts used; a "
+                         "flat line means the extra experts are not going to the hard tokens."))
     else:
         s.body.append("<p>Every token used the same number of experts (fixed k): no loss relation to show.</p>")
     return [secs[i] for i in SECTION_IDS]

@@ -61,3 +61,17 @@ def state_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else d
         action.help = f"{action.help} (default: {str(shown).replace('%', '%%')})"
+
+
+def describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command without a description its one-line help as one, so
+    `moelab VERB --help` always says what the command does."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help for a in action._choices_actions}  # noqa: SLF001
+        for name, sub in action.choices.items():
+            if not sub.description and helps.get(name):
+                h = helps[name]
+                sub.description = h[0].upper() + h[1:] + ("" if h.endswith(".") else ".")
+            describe_subcommands(sub)

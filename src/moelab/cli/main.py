@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(f"moelab.cli.{name}").register(sub)
     _ux.state_defaults(parser)
+    _ux.describe_subcommands(parser)
     return parser
 
 

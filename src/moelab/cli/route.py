@@ -1,15 +1,5 @@
-"""``moelab route``: model-level routing (choose which LLM answers each prompt).
-
-    moelab route routers                                   list routers (name, paper, options)
-    moelab route compare --data routellm-mmlu --routers knn,mf,carrot --out runs/route-mmlu
-    moelab route fit carrot --data routellm-gsm8k --out runs/carrot-gsm8k
-    moelab route predict runs/carrot-gsm8k --prompt "What is 2+2?" [--tradeoff 0.3 | --budget 1e-4]
-    moelab route serve runs/ROUTERS --backends backends.toml --port 8000   (OpenAI-compatible server)
-
-Data files are CSV, JSONL or Parquet; a pandas pickle is read only with --allow-pickle (unpickling
-runs any code in the file). Hyperparameters in each router's CV grid are tuned by 3-fold
-cross-validation on the training data unless --no-tune (options given with --option stay fixed).
-"""
+"""`moelab route`: model-level routing (choose which LLM answers each prompt). The help text is
+DESCRIPTION below (plain text: argparse prints it as is)."""
 
 from __future__ import annotations
 
@@ -18,6 +8,32 @@ import json
 import sys
 
 from moelab.errors import MoelabError
+
+
+DESCRIPTION = """Model-level routing: learn which LLM should answer each prompt from logged scores and costs.
+
+  moelab route routers                                   list routers (name, paper, options)
+  moelab route compare --data routellm-mmlu --routers knn,mf,carrot --out runs/route-mmlu
+  moelab route fit carrot --data routellm-gsm8k --out runs/carrot-gsm8k
+  moelab route predict runs/carrot-gsm8k --prompt "What is 2+2?" [--tradeoff 0.3 | --budget 1e-4]
+  moelab route serve runs/ROUTERS --backends backends.toml --port 8000   (OpenAI-compatible server)
+
+Data files are CSV, JSONL or Parquet; a pandas pickle is read only with --allow-pickle (unpickling
+runs any code in the file). Hyperparameters in each router's CV grid are tuned by 3-fold
+cross-validation on the training data unless --no-tune (options given with --option stay fixed)."""
+
+SUB_DESCRIPTIONS = {
+    "routers": "List the registered model routers: name, one-line description, paper and options with their "
+               "defaults.",
+    "compare": "Split the data into train and test prompts, CV-tune and fit every router on the training split, "
+               "sweep each over its cost-quality trade-off on the test split, and print a table of AIQ, gap "
+               "closed, APGR, CPT, arena score and quality at fixed budgets (95% bootstrap CIs). With --out, also "
+               "write results.json and report.html.",
+    "fit": "Fit one router on the whole dataset (CV-tuning its grid unless --no-tune) and save it as a folder "
+           "(router.json + tensors.safetensors, no pickle) for `moelab route predict` and `moelab route serve`.",
+    "predict": "Route new prompts with a saved router: prints one JSON line per prompt with the chosen model and "
+               "the router's estimated quality and cost of that choice, then a summary line on stderr.",
+}
 
 
 def _parse_options(items: list[str] | None) -> dict:
@@ -105,6 +121,7 @@ def _cmd_fit(args) -> int:
                           f"({', '.join(ds.models)}); pick two with --models A,B")
     feat = _featurizer(args)
     if cls.needs_features and feat is None:
+        print(f"fitting TF-IDF+SVD features on {ds.n_prompts} prompts ...", file=sys.stderr)
         cache = None if args.no_cache else default_cache_dir()
         feat = TfidfSvdFeaturizer(dim=args.feature_dim).fit_cached(ds.require_texts(), cache)
     chosen = {}
@@ -112,6 +129,7 @@ def _cmd_fit(args) -> int:
         from moelab.route.tuning import tune_router
 
         x = feat.transform(ds.require_texts()) if cls.needs_features else None
+        print(f"cross-validating {args.router}'s grid ({args.cv_folds} folds) ...", file=sys.stderr)
         chosen = tune_router(args.router, ds, x, fixed=opts.get(args.router, {}), folds=args.cv_folds)["chosen"]
     r = build_router(args.router, **{**opts.get(args.router, {}), **chosen})
     r.fit(ds, featurizer=feat)
@@ -130,19 +148,45 @@ def _cmd_predict(args) -> int:
         prompts += [ln.rstrip("\n") for ln in open(args.prompts_file) if ln.strip()]
     if not prompts:
         raise MoelabError("give at least one --prompt or --prompts-file")
-    idx = r.route(prompts, tradeoff=args.tradeoff, budget=args.budget)
-    for p, i in zip(prompts, idx):
-        print(json.dumps({"prompt": p[:80], "model": r.models[int(i)]}))
+    ex = r.route_explained(prompts, tradeoff=args.tradeoff, budget=args.budget)
+    for p, line in zip(prompts, _predictions(r, ex, args.all_models)):
+        print(json.dumps({"prompt": p[:80], **line}))
+    print(_predict_summary(r, ex, args), file=sys.stderr)
     return 0
+
+
+def _predictions(r, ex: dict, all_models: bool) -> list[dict]:
+    """One record per prompt: the chosen model and the router's estimates for it (and for every
+    model with --all-models)."""
+    out = []
+    for p, i in enumerate(ex["idx_P"]):
+        d = {"model": r.models[int(i)], "est_quality": round(float(ex["quality_P"][p]), 4),
+             "est_cost_usd": float(f"{ex['cost_P'][p]:.4g}")}
+        if all_models:
+            d["estimates"] = {m: {"quality": round(float(ex["q_PM"][p, j]), 4),
+                                  "cost_usd": float(f"{ex['c_PM'][p, j]:.4g}")} for j, m in enumerate(r.models)}
+        out.append(d)
+    return out
+
+
+def _predict_summary(r, ex: dict, args) -> str:
+    """Why these models: the setting used and the mean estimated quality and cost it buys."""
+    from collections import Counter
+
+    setting = f"budget ${args.budget:g} per prompt" if args.budget is not None else f"tradeoff {args.tradeoff:g}"
+    counts = Counter(r.models[int(i)] for i in ex["idx_P"])
+    picked = ", ".join(f"{m} x{n}" for m, n in counts.most_common())
+    return (f"{r.name} at {setting}: {picked}; estimated mean quality {ex['quality_P'].mean():.3f}, "
+            f"estimated mean cost ${ex['cost_P'].mean():.3g} per prompt (the router's estimates, not measurements)")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("route", help="model-level routing: choose which LLM answers each prompt",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="route_command", metavar="ROUTE_COMMAND")
 
-    s = sub.add_parser("routers", help="list the registered model routers")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("routers", help="list the registered model routers", description=SUB_DESCRIPTIONS["routers"])
+    s.add_argument("--json", action="store_true", help="print the list as JSON (for scripts)")
     s.set_defaults(func=_cmd_routers)
 
     def data_args(s):
@@ -164,7 +208,7 @@ def register(subparsers) -> None:
         s.add_argument("--no-tune", action="store_true", help="skip cross-validated tuning of the routers' grids")
         s.add_argument("--cv-folds", type=int, default=3, help="folds for the tuning cross-validation")
 
-    s = sub.add_parser("compare", help="fit routers, sweep cost–quality curves, print/write a report")
+    s = sub.add_parser("compare", help="fit routers, sweep cost–quality curves, print/write a report", description=SUB_DESCRIPTIONS["compare"])
     data_args(s)
     s.add_argument("--routers", default="random,best-single,cheapest,knn,linear,mf,carrot",
                    help="comma-separated router names (see `moelab route routers`); the oracle is always "
@@ -180,18 +224,20 @@ def register(subparsers) -> None:
     s.add_argument("--cache-dir", help="feature cache (default $MOELAB_CACHE/route or ~/.cache/moelab/route)")
     s.set_defaults(func=_cmd_compare)
 
-    s = sub.add_parser("fit", help="fit a router on a whole dataset and save it (JSON + safetensors)")
+    s = sub.add_parser("fit", help="fit a router on a whole dataset and save it (JSON + safetensors)", description=SUB_DESCRIPTIONS["fit"])
     s.add_argument("router", help="router name (see `moelab route routers`)")
     data_args(s)
     s.add_argument("--out", required=True, help="folder to save the router to")
     s.set_defaults(func=_cmd_fit)
 
-    s = sub.add_parser("predict", help="route new prompts with a saved router")
+    s = sub.add_parser("predict", help="route new prompts with a saved router", description=SUB_DESCRIPTIONS["predict"])
     s.add_argument("router_dir", help="folder written by `moelab route fit`")
     s.add_argument("--prompt", action="append", help="a prompt to route (repeatable)")
     s.add_argument("--prompts-file", help="text file, one prompt per line")
     s.add_argument("--tradeoff", type=float, default=0.5, help="0 = quality only, 1 = cost only")
     s.add_argument("--budget", type=float, help="mean USD per prompt (overrides --tradeoff)")
+    s.add_argument("--all-models", action="store_true",
+                   help="also print every model's estimated quality and cost for each prompt (why this model)")
     s.set_defaults(func=_cmd_predict)
 
     from moelab.cli import route_serve

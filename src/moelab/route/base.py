@@ -155,12 +155,25 @@ class ModelRouter:
               x_PD: np.ndarray | None = None) -> np.ndarray:
         """Model indices ``idx_P`` (into ``self.models``) for a batch: a RoutingDataset or a list of
         prompt texts (or ``x_PD`` features). ``budget`` (mean USD per prompt) overrides ``tradeoff``."""
-        q_PM, c_PM = self.estimate(batch, x_PD)
+        return self._decide_for(*self.estimate(batch, x_PD), tradeoff, budget)
+
+    def _decide_for(self, q_PM, c_PM, tradeoff, budget) -> np.ndarray:
         if budget is not None:
             return self._route_budget(q_PM, c_PM, budget)
         check_range("tradeoff", float(tradeoff), low=0.0, high=1.0)
         with threads():
             return self.decide_grid(q_PM, c_PM, [float(tradeoff)])[0]
+
+    def route_explained(self, batch=None, tradeoff: float | None = 0.5, budget: float | None = None,
+                        x_PD: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """:meth:`route` plus the router's own estimates behind each decision: ``idx_P``, the chosen
+        model's estimated quality ``quality_P`` and the cost it expects to pay ``cost_P`` (a cascade
+        includes the cheap model's attempt), and every model's estimates ``q_PM``, ``c_PM``."""
+        q_PM, c_PM = self.estimate(batch, x_PD)
+        idx = self._decide_for(q_PM, c_PM, tradeoff, budget)
+        ar = np.arange(len(idx))
+        return {"idx_P": idx, "quality_P": q_PM[ar, idx], "cost_P": self.paid_cost(idx, c_PM), "q_PM": q_PM,
+                "c_PM": c_PM}
 
     def route_names(self, batch=None, **kw) -> list[str]:
         return [self.models[i] for i in self.route(batch, **kw)]

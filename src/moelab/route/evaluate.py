@@ -197,16 +197,35 @@ def _split_info(ds, train, test, group_by, log) -> dict:
     return info
 
 
+def _stage_bar(total: int, progress: bool | None):
+    """A tqdm bar over the comparison's stages (stderr; ``None``: only on a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="route compare", unit="stage", file=sys.stderr, leave=False,
+                disable=None if progress is None else not progress, dynamic_ncols=True)
+
+
+def _stage(bar, what: str) -> None:
+    """Close the previous stage (the first call closes none) and name the one starting."""
+    if getattr(bar, "_moelab_started", False):
+        bar.update(1)
+    bar._moelab_started = True
+    bar.set_postfix_str(what)
+
+
 def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, group_by: str = "prompt",
             seed: int = 0, n_boot: int = 200, feature_dim: int = 128, router_options: dict | None = None,
             cache_dir: str | Path | None = None, log=print, tune: bool = True, cv_folds: int = 3,
-            featurizer=None, reference: str = "knn") -> dict:
+            featurizer=None, reference: str = "knn", progress: bool | None = None) -> dict:
     """Split ``ds``, fit one featurizer on the training texts, tune each router's grid by
     ``cv_folds``-fold cross-validation on the training split (``tune=True``; values given in
     ``router_options`` are kept fixed), fit and sweep every router on the test split, and return a
     JSON-able result (the oracle is always evaluated, for the gap). ``featurizer``: a
     :class:`~moelab.route.features.Featurizer` to use instead of TF-IDF+SVD (e.g. a local
-    embedding model); it is fitted on the training texts."""
+    embedding model); it is fitted on the training texts. ``progress``: a tqdm bar of the stages
+    (features, then each router's tuning, fit and sweep) on stderr; None shows it on a terminal only."""
     from moelab.route.tuning import tune_router
 
     router_options = router_options or {}
@@ -215,20 +234,27 @@ def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, grou
     split_info = _split_info(ds, train, test, group_by, log)
     t0 = time.perf_counter()
     feat = featurizer if featurizer is not None else TfidfSvdFeaturizer(dim=feature_dim, seed=seed)
+    needs = any(MODEL_ROUTERS.get(r).needs_features for r in routers)
+    bar = _stage_bar(3 * needs + 1 + len(routers), progress)
     x_tr = x_te = None
-    if any(MODEL_ROUTERS.get(r).needs_features for r in routers):
+    if needs:
+        _stage(bar, f"fitting {getattr(feat, 'kind', 'features')} on {train.n_prompts} training prompts")
         if isinstance(feat, TfidfSvdFeaturizer):
             feat.fit_cached(train.require_texts(), cache_dir)
         else:
             feat.fit(train.require_texts())
+        _stage(bar, f"features of {train.n_prompts} training prompts")
         x_tr = feat.transform(train.require_texts(), cache_dir)
+        _stage(bar, f"features of {test.n_prompts} test prompts")
         x_te = feat.transform(test.require_texts(), cache_dir)
     feat_s = time.perf_counter() - t0
     log(f"{ds.name}: {train.n_prompts} train / {test.n_prompts} test prompts, models {ds.models}; "
         f"features {feat_s:.1f}s")
+    _stage(bar, "oracle")
     osw = sweep(build_router("oracle").fit(train), test)
     results = {}
     for name in routers:
+        _stage(bar, f"{'tuning, ' if tune else ''}fitting and sweeping {name}")
         opts, tuned = dict(router_options.get(name, {})), None
         if tune:
             tuned = tune_router(name, train, x_tr, fixed=opts, folds=cv_folds, seed=seed, group_by=group_by)
@@ -245,6 +271,8 @@ def compare(ds: RoutingDataset, routers: list[str], test_frac: float = 0.3, grou
         m = results[name]["metrics"]
         log(f"  {name:12s} fit {fit_s:6.2f}s  AIQ {m['aiq']:.4f}  gap closed {m['gap_closed']:.3f}  "
             f"Q@35%best {m['q_at_35best']:.4f}" + (f"  tuned {tuned['chosen']}" if tuned and tuned["chosen"] else ""))
+    _stage(bar, "done")
+    bar.close()
     if reference in results:
         _paired_vs(results, reference)
     for r in results.values():
@@ -299,6 +327,24 @@ def _options_cell(r: dict) -> str:
     return ", ".join(f"{k}={v}*" for k, v in tuned.items()) or "-"
 
 
+METRIC_DEFINITIONS = [  # (name, one line), shown on the report page
+    ("AIQ", "RouterBench's average improvement in quality: the area under the router's cost-quality hull "
+            "(single models' points included: the zero router) over the single models' cost range, divided by "
+            "that range; higher is better."),
+    ("AIQ own", "the same area from the router's own operating points only (zero below its cheapest point)."),
+    ("gap closed", "(AIQ - zero router's AIQ) / (oracle's AIQ - zero router's AIQ): the share of the way from "
+                   "mixing single models to perfect per-prompt routing."),
+    ("APGR", "RouteLLM's average performance gap recovered, two-model pools only: the mean over 0-100% strong-model "
+             "calls of (quality - weak) / (strong - weak); 'APGR RouteLLM' averages over the swept span only."),
+    ("CPT", "RouteLLM's call-performance threshold: the smallest share of strong-model calls that recovers 50% "
+            "(CPT50%) or 80% (CPT80%) of the weak-to-strong gap; lower is better."),
+    ("arena score", "RouterArena's score at the router's best operating point: (1 + 0.1)·A·C / (0.1·A + C) for "
+                    "accuracy A and a log-scaled cost score C (1 at $0.0044, 0 at $200 per 1000 queries), in %."),
+    ("Q@budget", "the best mean quality among operating points whose mean cost is within the budget: Q@35% best = "
+                 "35% of the best single model's cost, Q@50% = 50% of the most expensive model's cost, in %."),
+]
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -306,16 +352,23 @@ def _png(fig) -> str:
 
 
 def series_styles(n: int) -> list[dict]:
-    """Distinct (colour, line style, marker) for n series: tab20's 20 colours, then new line styles
-    and markers, so no two series look alike (tab10 repeated colours after 10)."""
+    """Distinct (colour, line style, marker) for n series: tab20's 20 colours, its ten dark shades
+    first and then the ten light ones (so the first ten series differ in hue, not only in shade),
+    then new line styles and markers, so no two series look alike (tab10 repeated colours after 10)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
     ls, mk = ["-", "--", ":", "-."], [".", "x", "+", "^"]
-    return [{"color": cmap(i % 20), "ls": ls[(i // 20) % 4], "marker": mk[(i // 20) % 4]} for i in range(n)]
+    return [{"color": cmap(2 * (i % 10) + (i // 10) % 2), "ls": ls[(i // 20) % 4], "marker": mk[(i // 20) % 4]}
+            for i in range(n)]
 
 
-def _curves_png(res, plt) -> str:
+SINGLE_MARKERS = ["*", "P", "X", "D", "s", "p", "h", "v", "^", "<", ">", "8"]
+
+
+def curves_figure(res, plt):
+    """Cost-quality curves; single models are black markers named in the legend (full names, no
+    annotation on the plot that could cover a curve)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     names = list(res["routers"])
     for st, name in zip(series_styles(len(names)), names):
@@ -323,41 +376,112 @@ def _curves_png(res, plt) -> str:
         c, q = np.array(r["curve"]["cost"]), np.array(r["curve"]["quality"])
         o = np.argsort(c)
         ax.plot(c[o], q[o], ms=3, lw=1, label=name, **st)
-    for m, v in res["single_models"].items():
-        ax.scatter([v["cost"]], [v["quality"]], marker="*", s=120, zorder=5, color="black")
-        ax.annotate(m.split("/")[-1], (v["cost"], v["quality"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+    for i, (m, v) in enumerate(res["single_models"].items()):
+        ax.scatter([v["cost"]], [v["quality"]], marker=SINGLE_MARKERS[i % len(SINGLE_MARKERS)], s=80, zorder=5,
+                   color="black", edgecolor="white", linewidth=0.5, label=f"{m} (single model)")
     ax.set_xscale("log")
-    ax.set_xlabel("mean cost per prompt (USD)")
+    ax.set_xlabel("mean cost per prompt (USD, log scale)")
     ax.set_ylabel("mean quality")
     ax.set_title(f"{res['dataset']}: cost–quality curves (test split)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside the axes
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return fig
 
 
-def _bars_png(res, plt) -> str:
+def bars_figure(res, plt):
+    """Per-category quality at the 50% budget as horizontal bars: category names on the y axis in
+    full (no truncation), one bar per router, most frequent category on top."""
     have = {n: r["per_category_at_50pct_budget"] for n, r in res["routers"].items()
             if r.get("per_category_at_50pct_budget")}
     missing = [n for n, r in res["routers"].items() if not r.get("per_category_at_50pct_budget")]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cats = []
     if have:
         first = next(iter(have.values()))
-        cat_names = [c for c, _ in sorted(first.items(), key=lambda kv: -kv[1]["n"])[:20]]
-        wbar = 0.8 / len(have)
+        cats = [c for c, _ in sorted(first.items(), key=lambda kv: -kv[1]["n"])[:20]]
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.2 * len(cats) * max(1, len(have)) ** 0.5 + 1.5)))
+    if have:
+        hbar = 0.8 / len(have)
+        y = np.arange(len(cats))[::-1]
         for i, (st, (name, pc)) in enumerate(zip(series_styles(len(have)), have.items())):
-            ax.bar(np.arange(len(cat_names)) + i * wbar, [pc[c]["quality"] for c in cat_names], wbar,
-                   label=name, color=st["color"])
-        ax.set_xticks(np.arange(len(cat_names)) + 0.4 - wbar / 2)
-        ax.set_xticklabels([c[:18] for c in cat_names], rotation=60, ha="right", fontsize=7)
+            ax.barh(y + 0.4 - (i + 0.5) * hbar, [pc[c]["quality"] for c in cats], hbar, label=name,
+                    color=st["color"])
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"{c} (n={first[c]['n']})" for c in cats], fontsize=8)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_ylabel("quality at 50% budget")
-    note = f"; not shown (cannot meet the 50% budget): {', '.join(missing)}" if missing else ""
-    ax.set_title("per-category quality at 50% of the most expensive model's cost" + note, fontsize=8)
+    ax.set_xlabel("mean quality at 50% of the most expensive model's cost")
+    note = f"\nnot shown (cannot meet the 50% budget): {', '.join(missing)}" if missing else ""
+    ax.set_title("Per-category quality" + note, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def _fig_png(fig, plt) -> str:
     out = _png(fig)
     plt.close(fig)
     return out
+
+
+def _table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
+    cols = [c for c in TABLE_COLUMNS if any(np.isfinite(r["metrics"].get(c[1], np.nan))
+                                            for r in res["routers"].values())]
+    header = ["router", *[c[0] for c in cols], "options (CV-tuned*)", "fit s"]
+    rows = [[name, *[_fmt(r["metrics"].get(k), r["ci95"].get(k), pct) for _, k, pct in cols], _options_cell(r),
+             f"{r['fit_s']:.2f}"] for name, r in res["routers"].items()]
+    return header, rows
+
+
+def _lead(res: dict) -> str:
+    """The answer first: the router with the highest AIQ, with its interval and gap closed."""
+    best = max(res["routers"], key=lambda n: np.nan_to_num(res["routers"][n]["metrics"]["aiq"], nan=-np.inf))
+    m, ci = res["routers"][best]["metrics"], res["routers"][best]["ci95"]
+    return (f"<p class='lead'>Highest AIQ: <b>{html.escape(best)}</b> {_fmt(m['aiq'], ci.get('aiq'))}, closing "
+            f"{_fmt(m['gap_closed'], ci.get('gap_closed'))} of the gap from mixing single models to the oracle.</p>"
+            f"<p class='note'>{res['n_train']} train / {res['n_test']} test prompts, split by "
+            f"{html.escape(str(res['split']['group_by']))}; models: {html.escape(', '.join(res['models']))}; "
+            f"95% bootstrap CIs over test prompts ({res['n_boot']} resamples) in brackets.</p>")
+
+
+def _paired_table(res: dict) -> str:
+    ref = res.get("reference")
+    if not ref:
+        return ""
+    from moelab.htmlpage import table
+
+    rows = [[n, *[_fmt(r[f"vs_{ref}"][k]["point"], r[f"vs_{ref}"][k]["ci95"], pct) for k, pct in
+                  (("aiq", False), ("gap_closed", False), ("q_at_35best", True))]]
+            for n, r in res["routers"].items() if n != ref and f"vs_{ref}" in r]
+    return (f"<h2>Paired against {html.escape(ref)}</h2><p class='note'>router minus {html.escape(ref)} on the same "
+            "bootstrap resamples; an interval that excludes 0 is a difference.</p>"
+            + table(["router", "Δ AIQ", "Δ gap closed", "Δ Q@35% best"], rows)) if rows else ""
+
+
+def report_html(res: dict, curves_png: str, bars_png: str) -> str:
+    """The page: the answer, the metric definitions, the table (a real table that scrolls in its
+    own box), paired differences, single models, then the figures with what to look for."""
+    from moelab.htmlpage import page, table
+
+    head, rows = _table_rows(res)
+    defs = "".join(f"<dt>{html.escape(n)}</dt><dd>{html.escape(d)}</dd>" for n, d in METRIC_DEFINITIONS)
+    singles = table(["model", "mean quality", "mean cost per prompt (USD)"],
+                    [[m, f"{v['quality']:.3f}", f"{v['cost']:.3g}"] for m, v in res["single_models"].items()])
+    fig = lambda b64, alt, cap: (f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(alt)}'>"  # noqa: E731
+                                 f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+    body = (f"<h1>moelab route compare: {html.escape(res['dataset'])}</h1>{_lead(res)}"
+            f"<section id='table'><h2>Routers</h2>{table(head, rows)}<p class='note'>* options chosen by "
+            f"cross-validation on the training split; quality, CPT, arena and Q@budget in %.</p></section>"
+            f"<section id='metrics'><h2>What the metrics mean</h2><dl class='defs'>{defs}</dl></section>"
+            f"<section id='paired'>{_paired_table(res)}</section>"
+            f"<section id='singles'><h2>Single models on the test split</h2>{singles}</section>"
+            "<section id='plots'><h2>Plots</h2>"
+            + fig(curves_png, "cost-quality curves",
+                  "Up and to the left is better. A router is worth using where its curve lies above the line joining "
+                  "the single models (black markers), which any random mix of them reaches; a curve that bends "
+                  "up early buys most of the quality for little cost.")
+            + fig(bars_png, "per-category quality",
+                  "Categories where one router's bar is much longer than the others' are where its prompt features "
+                  "help; a category where every router is low is hard for every model at this budget.")
+            + "</section>")
+    return page(f"moelab route compare: {res['dataset']}", body)
 
 
 def write_report(res: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -370,12 +494,6 @@ def write_report(res: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    curves, bars = _curves_png(res, plt), _bars_png(res, plt)
-    table = format_table(res)
-    doc = (f"<html><head><meta charset='utf-8'><title>moelab route compare: {html.escape(res['dataset'])}</title>"
-           f"</head><body><h1>{html.escape(res['dataset'])}</h1><p>{res['n_train']} train / {res['n_test']} "
-           f"test prompts; 95% bootstrap CIs over prompts ({res['n_boot']} resamples)</p>"
-           f"<pre>{html.escape(table)}</pre><img src='data:image/png;base64,{curves}'/>"
-           f"<img src='data:image/png;base64,{bars}'/></body></html>")
+    doc = report_html(res, _fig_png(curves_figure(res, plt), plt), _fig_png(bars_figure(res, plt), plt))
     (out / "report.html").write_text(doc)
     return {"json": out / "results.json", "html": out / "report.html"}

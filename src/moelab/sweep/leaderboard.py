@@ -161,8 +161,6 @@ class Leaderboard:
                      "the noise of the per-window differences: 'eval SE of diff' (the windows' bootstrap SE of the "
                      "mean paired difference, which the spread over seeds does not contain; – where the runs "
                      "predate per-window records).")
-        if self.groups and len(self.groups[0].runs) < 2 and self.pairs:
-            n.append("pairwise tests need at least 2 seeds per configuration.")
         return n
 
     def to_markdown(self) -> str:
@@ -171,7 +169,8 @@ class Leaderboard:
         out += ["", _md_table(self.header(), self.rows()), ""]
         if self.pairs:
             out += [f"## Pairwise ({self.metric}, margin ±{self.margin:g})", "",
-                    _md_table(self.pair_header(), self.pair_rows(), left=2), ""]
+                    _md_table(self.pair_header(), self.pair_rows(), left=2) if self.pairwise_possible()
+                    else self.no_pairs_line(), ""]
         return "\n".join(out)
 
     # ---------------------------------------------------------------- figures and HTML
@@ -180,26 +179,36 @@ class Leaderboard:
 
         return plots.leaderboard_figures(self)
 
+    def pairwise_possible(self) -> bool:
+        """Whether any pair has a test (each needs at least 2 seeds per configuration)."""
+        return any(p.comparison is not None for p in self.pairs)
+
+    def no_pairs_line(self) -> str:
+        counts = sorted({len(g.runs) for g in self.groups})
+        have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        return (f"Pairwise tests need ≥2 seeds per configuration; this sweep has {have} seed(s) per configuration "
+                "(add seeds, e.g. --seeds 0,1,2).")
+
     def to_html(self, figures: list[tuple[str, bytes, str]] | None = None) -> str:
-        try:
-            from moelab.analysis.report import CSS
-        except ImportError:  # the analysis reports' style sheet
-            CSS = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}" \
-                  "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td.l,th.l{text-align:left}"
+        from moelab.htmlpage import page
+
         figures = self.figures() if figures is None else figures
         warn = "" if self.fairness.fair else \
             "<p class='missing'><b>WARNING: this sweep is NOT a fair comparison (compared anyway).</b></p>"
-        notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes() if not n.startswith("WARNING"))
+        notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in self.notes() if not n.startswith("WARNING"))
         imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(b).decode()}' "
-                       f"alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>"
-                       for _, b, c in figures)
-        pairs = (f"<section id='pairs'><h2>Pairwise ({html.escape(self.metric)}, margin ±{self.margin:g})</h2>"
-                 f"{_html_table(self.pair_header(), self.pair_rows(), left=2)}</section>") if self.pairs else ""
-        return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moelab sweep "
-                f"{html.escape(self.name)}</title><style>{CSS}</style></head><body>"
-                f"<h1>moelab sweep: {html.escape(self.name)}</h1>{warn}"
-                f"<section id='leaderboard'><h2>Leaderboard</h2>{_html_table(self.header(), self.rows())}{notes}</section>"
-                f"{pairs}<section id='plots'><h2>Plots</h2>{imgs}</section></body></html>")
+                       f"alt='{html.escape(c)}' data-file='{html.escape(f)}'><figcaption>{html.escape(c)}</figcaption>"
+                       "</figure>" for f, b, c in figures)
+        pairs = ""
+        if self.pairs:
+            body = (_html_table(self.pair_header(), self.pair_rows(), left=2) if self.pairwise_possible()
+                    else f"<p class='note'>{html.escape(self.no_pairs_line())}</p>")
+            pairs = (f"<section id='pairs'><h2>Pairwise ({html.escape(self.metric)}, margin ±{self.margin:g})</h2>"
+                     f"{body}</section>")
+        return page(f"moelab sweep {self.name}",
+                    f"<h1>moelab sweep: {html.escape(self.name)}</h1>{warn}"
+                    f"<section id='leaderboard'><h2>Leaderboard</h2>{_html_table(self.header(), self.rows())}{notes}"
+                    f"</section>{pairs}<section id='plots'><h2>Plots</h2>{imgs}</section>")
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -411,7 +420,6 @@ def _md_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
 
 def _html_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
     """An HTML table whose first ``left`` columns are left-aligned (names), the rest right-aligned."""
-    h = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(c)}</th>' for i, c in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>'
-                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+    from moelab.htmlpage import table
+
+    return table(header, rows, left=left)

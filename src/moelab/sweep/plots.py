@@ -23,22 +23,47 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": OKABE_ITO[i % len(OKABE_ITO)], "linestyle": LINESTYLES[(i // len(OKABE_ITO)) % len(LINESTYLES)]}
 
 
+def _point_style(i: int) -> dict[str, Any]:
+    """Colour and marker of configuration i: the marker shifts by one every 8 colours, so no two of
+    the first 64 configurations look alike."""
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[(i + i // len(OKABE_ITO)) % len(MARKERS)]}
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # tight: the legend below is kept whole
     plt.close(fig)
     return buf.getvalue()
 
 
 def _axes(w: float = 7.5, h: float = 4.2):
-    fig, ax = plt.subplots(figsize=(w, h))
-    fig.subplots_adjust(left=0.9 / w, right=1 - 2.6 / w, bottom=0.6 / h, top=1 - 0.45 / h)
-    return fig, ax
+    return plt.subplots(figsize=(w, h))
 
 
-def _legend(ax) -> None:
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+def _legend(ax, n: int) -> None:
+    """Below the axes (under the x label), never over the data; up to 3 columns."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, max(1, n)), frameon=False)
     ax.grid(alpha=0.3)
+
+
+MIN_REL_SPAN = 0.1  # an axis of positive counts spans at least 10% of its centre value
+
+
+def pad_relative(ax, axis: str, lo: float, hi: float, min_rel: float = MIN_REL_SPAN) -> None:
+    """Widen ``axis`` so that a data range [lo, hi] narrower than ``min_rel`` of its centre stays
+    small on the plot: a 0.3% difference in active parameters then covers 3% of the axis, not all
+    of it (matplotlib's autoscale stretches any range to the whole axis)."""
+    c, span = (lo + hi) / 2, hi - lo
+    if not (math.isfinite(c) and c != 0) or span >= min_rel * abs(c):
+        return
+    half = max(0.55 * span, min_rel * abs(c) / 2)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(c - half, c + half)
+
+
+def _count_axis(ax) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.3g}M" if abs(v) >= 1e5 else f"{v:,.0f}"))
 
 
 def _mean_curve(curves: list[tuple[list[int], list[float]]], smooth: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +81,31 @@ def _mean_curve(curves: list[tuple[list[int], list[float]]], smooth: int = 1) ->
     return xs, ys
 
 
-def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
-    figs: list[tuple[str, bytes, str]] = []
-    metric_label = "validation perplexity" if lb.metric == "val_ppl" else "validation loss (nats/token)"
+CURVES = (  # key, file, y label, title, smoothing, caption (what to look for)
+    ("train_curve", "sweep_train_loss.png", "training loss (nats/token)", "Training loss (mean over seeds, smoothed)",
+     10, "Lower is better; 10-step moving average. Curves that cross late mean the ranking depends on the token "
+         "budget; a curve still falling steeply at the end was not trained to convergence."),
+    ("val_curve", "sweep_val_loss.png", "validation loss (nats/token)", "Validation loss (mean over seeds)", 1,
+     "Lower is better; every run is evaluated on the same validation tokens, and the last point of each line is "
+     "the value in the leaderboard."),
+)
+SCATTERS = (  # x key, file, x label, title, caption
+    ("params_active", "sweep_quality_vs_active.png", "active parameters per token",
+     "Quality vs active compute (95% interval across seeds)",
+     "Down is better. The x axis spans at least ±5% of the mean, so configurations a fraction of a percent apart "
+     "in active parameters stand on (nearly) one vertical line: equal compute per token."),
+    ("load_cv", "sweep_quality_vs_balance.png", "load CV (std/mean of expert load; 0 = balanced)",
+     "Quality vs load balance (95% interval across seeds)",
+     "Down is better, left is more balanced: a point below and left of another is better on both; a trade-off "
+     "shows as points along a line from top-left to bottom-right."),
+)
 
-    # loss curves
-    for key, fname, ylabel, title, smooth in (
-            ("train_curve", "sweep_train_loss.png", "training loss (nats/token)", "Training loss (mean over seeds, smoothed)", 10),
-            ("val_curve", "sweep_val_loss.png", "validation loss (nats/token)", "Validation loss (mean over seeds)", 1)):
+
+def build_figures(lb: Any) -> list[tuple[str, Any, str]]:
+    """(file name, matplotlib figure, caption) of each figure with something drawn."""
+    figs: list[tuple[str, Any, str]] = []
+    metric_label = "validation perplexity" if lb.metric == "val_ppl" else "validation loss (nats/token)"
+    for key, fname, ylabel, title, smooth, cap in CURVES:
         fig, ax = _axes()
         drawn = 0
         for i, g in enumerate(lb.groups):
@@ -72,16 +114,10 @@ def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
                 ax.plot(xs, ys, label=g.group, linewidth=1.3, marker="o" if xs.size < 8 else None, markersize=3,
                         **_style(i))
                 drawn += 1
-        _finish(figs, fig, ax, fname, "training step", ylabel, title, drawn)
-
-    # quality vs active compute, quality vs balance
-    for xkey, fname, xlabel, title in (
-            ("params_active", "sweep_quality_vs_active.png", "active parameters per token",
-             "Quality vs active compute (95% interval across seeds)"),
-            ("load_cv", "sweep_quality_vs_balance.png", "load CV (std/mean of expert load; 0 = balanced)",
-             "Quality vs load balance (95% interval across seeds)")):
+        _finish(figs, fig, ax, fname, "training step", ylabel, title, drawn, cap)
+    for xkey, fname, xlabel, title, cap in SCATTERS:
         fig, ax = _axes()
-        drawn = 0
+        xs = []
         for i, g in enumerate(lb.groups):
             sx, sy = g.stats.get(xkey), g.stats.get(lb.metric)
             if sx is None or sy is None or not math.isfinite(sx.mean):
@@ -89,20 +125,27 @@ def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
             xerr = sx.half_width if sx.n > 1 and math.isfinite(sx.half_width) else None
             yerr = sy.half_width if sy.n > 1 and math.isfinite(sy.half_width) else None
             ax.errorbar([sx.mean], [sy.mean], xerr=None if xerr is None else [xerr],
-                        yerr=None if yerr is None else [yerr], marker=MARKERS[i % len(MARKERS)],
-                        color=OKABE_ITO[i % len(OKABE_ITO)], linestyle="none", capsize=3, label=g.group)
-            drawn += 1
-        _finish(figs, fig, ax, fname, xlabel, metric_label, title, drawn)
+                        yerr=None if yerr is None else [yerr], **_point_style(i), linestyle="none", capsize=3, label=g.group)
+            xs += [sx.mean - (xerr or 0), sx.mean + (xerr or 0)]
+        if xkey == "params_active" and xs:
+            pad_relative(ax, "x", min(xs), max(xs))
+            _count_axis(ax)
+        _finish(figs, fig, ax, fname, xlabel, metric_label, title, len(xs) // 2, cap)
     return figs
 
 
-def _finish(figs: list, fig, ax, fname: str, xlabel: str, ylabel: str, title: str, drawn: int) -> None:
-    """Label the axes; keep the figure (as PNG) if anything was drawn, else close it."""
+def leaderboard_figures(lb: Any) -> list[tuple[str, bytes, str]]:
+    """(file name, PNG bytes, caption) of each figure."""
+    return [(f, _png(fig), cap) for f, fig, cap in build_figures(lb)]
+
+
+def _finish(figs: list, fig, ax, fname: str, xlabel: str, ylabel: str, title: str, drawn: int, caption: str) -> None:
+    """Label the axes; keep the figure if anything was drawn, else close it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if drawn:
-        _legend(ax)
-        figs.append((fname, _png(fig), title))
+        _legend(ax, drawn)
+        figs.append((fname, fig, caption))
     else:
         plt.close(fig)
