@@ -12,12 +12,12 @@ from moelab.errors import MoelabError
 LISTING = [('drllm',
             'per-layer skip/execute/repeat routers supervised by MCTS under a budget',
             'Heakl et al. 2025 (Dr.LLM)'),
-           ('router_tuning',
-            'MindSkip attention-skip routers, only the routers trained',
-            'He et al. 2024 (Router-Tuning / MindSkip)'),
            ('duo',
             'per-token skip / small FFN / big FFN routers with an oracle analysis',
-            'Alizadeh et al. 2024 (Duo-LLM)')]
+            'Alizadeh et al. 2024 (Duo-LLM)'),
+           ('router_tuning',
+            'MindSkip attention-skip routers, only the routers trained',
+            'He et al. 2024 (Router-Tuning / MindSkip)')]
 
 
 def _listing() -> str:

@@ -54,10 +54,11 @@ class MindSkipRouter(DepthRouter):
         h_BLD = block.attn_norm(x_BLD)
         m_BL = self.mask(h_BLD, kv_cache)
         self.last_action = m_BL.detach()
-        if not torch.is_grad_enabled() and bool((m_BL == 1).all()):
+        grad = torch.is_grad_enabled() and m_BL.requires_grad
+        if not grad and bool((m_BL == 1).all()):
             x1_BLD = block.attn_residual(x_BLD, cos_LDh, sin_LDh, kv_cache)  # the unmodified block's ops
-        elif self.granularity == "sequence" and bool((m_BL == 0).all()):
-            x1_BLD = x_BLD
+        elif not grad and self.granularity == "sequence" and bool((m_BL == 0).all()):
+            x1_BLD = x_BLD  # the whole batch skips: attention is not run (no STE gradient needed)
         else:
             kv = None if kv_cache is None else (kv_cache, block.layer_index)
             x1_BLD = x_BLD + block.attn(h_BLD, cos_LDh, sin_LDh, kv) * m_BL[..., None]
