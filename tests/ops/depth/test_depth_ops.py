@@ -174,7 +174,9 @@ def test_depth_routing_is_deterministic_under_a_seed(micro_run, tmp_path):
 
     a, _ = _route(micro_run, tmp_path / "a", "drllm", seed=3)
     b, _ = _route(micro_run, tmp_path / "b", "drllm", seed=3)
-    assert a["results"] == b["results"] or all(x["loss"] == y["loss"] for x, y in zip(a["results"], b["results"]))
+    for x, y in zip(a["results"], b["results"]):  # everything but the wall-clock seconds
+        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
+    assert a["fit"] == b["fit"]
     sa, sb = load_run(tmp_path / "a").model.state_dict(), load_run(tmp_path / "b").model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 

@@ -10,7 +10,8 @@ Causality and the KV cache. Per-sequence routers (Dr.LLM, MindSkip "sequence") r
 ``prefix`` positions (the prompt: ``route_prefix``; ``generate`` sets it to the prompt length; None = every
 position of the forward) and, with a KV cache, decide on the first forward (the prefill) and keep that
 decision in ``KVCache.extra`` for every later token, so cached decoding equals re-running the full
-context with the same prefix. Per-token routers (MindSkip "token", Duo) read each token's own hidden state.
+context with the same prefix (``generate`` with ``sliding_window`` past ``max_seq_len``: the window's first
+``prefix`` tokens decide, a documented approximation). Per-token routers (MindSkip "token", Duo) read each token's own hidden state.
 """
 
 from __future__ import annotations
