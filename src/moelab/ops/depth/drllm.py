@@ -16,6 +16,9 @@ repeat routers with layer configurations found by an offline search under a comp
    configuration; each block's router gets the windowed mean pooling of its input over the prompt and
    learns the target action with focal loss (gamma 2) and inverse-frequency class weights (the paper's
    answer to "execute" dominating), AdamW at ``lr`` (paper: 1e-3), the base model frozen.
+Also reported (ours): ``best_static_config``, the configuration (among those the search evaluated, within
+the budget) with the lowest mean loss over all training windows: the same fixed layer-drop for every input,
+the baseline a per-input router has to beat (``moelab depth-route`` scores it on the test windows too).
 """
 
 from __future__ import annotations
@@ -153,6 +156,9 @@ class DrLLM:
         y = torch.tensor(targets)
         base = scores((1,) * model.cfg.n_layers)
         best = torch.stack([scores(t)[i] for i, t in enumerate(targets)])
-        return {"configs_evaluated": len(scores.cache), "target_layers_per_window": float(y.sum(1).float().mean()),
+        cap = cfg.budget * model.cfg.n_layers + 1e-9
+        static = min((c for c in scores.cache if sum(c) <= cap), key=lambda c: float(scores(c).mean()))
+        return {"configs_evaluated": len(scores.cache), "best_static_config": list(static),
+                "best_static_loss": float(scores(static).mean()), "target_layers_per_window": float(y.sum(1).float().mean()),
                 "target_action_freq": {a: float((y == k).float().mean()) for k, a in enumerate(("skip", "execute", "repeat"))},
                 "search_loss": float(best.mean()), "base_loss": float(base.mean()), "router_focal_loss": final}

@@ -43,6 +43,18 @@ def apply_depth(model, cfg: DepthConfig, train: Windows) -> tuple[dict, dict]:
     return spec, info
 
 
+def _static_rows(model, evals: Windows, info: dict, cfg: DepthConfig) -> list:
+    """Dr.LLM: the search's best fixed configuration for every input (a static layer-drop baseline) on ``evals``."""
+    from moelab.models.depth import forcing
+    from moelab.ops.depth.evaluate import score
+
+    conf = info.get("best_static_config")
+    if conf is None:
+        return []
+    with forcing(model, dict(enumerate(conf))):
+        return [score(model, evals, f"static {''.join(map(str, conf))} (best fixed config of the search)", cfg.batch_size)]
+
+
 def depth_route(src: str | Path, out: str | Path, cfg: DepthConfig, *, overwrite: bool = False,
                 step: int | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
     from moelab.ops.apply import save_run
@@ -62,11 +74,12 @@ def depth_route(src: str | Path, out: str | Path, cfg: DepthConfig, *, overwrite
     base = score(run.model, evals, "unmodified", cfg.batch_size)
     spec, info = apply_depth(run.model, cfg, _train_windows(run, cfg))
     routed = score(run.model, evals, f"{cfg.method} (budget {cfg.budget:g})", cfg.batch_size)
-    md = table([base, routed])
+    results = [base, routed] + _static_rows(run.model, evals, info, cfg)
+    md = table(results)
     unit = DEPTH_METHODS.get(cfg.method).budget_unit
     manifest = {"op": "depth-route", "method": cfg.method, "budget": cfg.budget, "budget_unit": unit,
                 "config": vars(cfg), "spec": spec, "fit": info,
-                "results": [to_dict(base, base), to_dict(routed, base)], "eval_windows": evals.ids_NL.shape[0]}
+                "results": [to_dict(r, base) for r in results], "eval_windows": evals.ids_NL.shape[0]}
     run_cfg = replace(run.config, model=replace(run.config.model, depth=spec))
     save_run(src, run.model, run_cfg, run.step, out, manifest, overwrite=overwrite)
     (Path(out) / "depth_route.json").write_text(json.dumps(manifest, indent=1, default=str))
