@@ -19,7 +19,8 @@ def rows(ev: Path) -> list[dict]:
     for f in sorted(ev.glob("*/depth_route.json")):
         m = json.loads(f.read_text())
         out.append({"dir": f.parent.name, "method": m["method"], "budget": m["budget"], "unit": m["budget_unit"],
-                    "base": m["results"][0], "routed": m["results"][1], "fit": m["fit"], "spec": m["spec"]})
+                    "base": m["results"][0], "routed": m["results"][1], "extra": m["results"][2:], "fit": m["fit"],
+                    "spec": m["spec"]})
     return out
 
 
@@ -36,10 +37,11 @@ def table(rs: list[dict]) -> str:
     lines.append("| unmodified | – | " + " | ".join(_ppl(b["per_domain"][d]["loss"]) for d in domains) +
                  f" | {_ppl(b['loss'])} | +0.0000 | 4.00 | 4.00 | 4.00 | 1.000 |")
     for r in rs:
-        x = r["routed"]
-        lines.append(f"| {r['method']} | {r['budget']:g} | " + " | ".join(_ppl(x["per_domain"][d]["loss"]) for d in domains)
-                     + f" | {_ppl(x['loss'])} | {x['loss'] - r['base']['loss']:+.4f} | {x['attn_layers_per_token']:.2f} | "
-                       f"{x['ffn_layers_per_token']:.2f} | {x['layers_per_token']:.2f} | {x['flops_vs_base']:.3f} |")
+        for x in [r["routed"], *r["extra"]]:
+            name = r["method"] if x is r["routed"] else f"{r['method']}: {x['method']}"
+            lines.append(f"| {name} | {r['budget']:g} | " + " | ".join(_ppl(x["per_domain"][d]["loss"]) for d in domains)
+                         + f" | {_ppl(x['loss'])} | {x['loss'] - r['base']['loss']:+.4f} | {x['attn_layers_per_token']:.2f} | "
+                           f"{x['ffn_layers_per_token']:.2f} | {x['layers_per_token']:.2f} | {x['flops_vs_base']:.3f} |")
     return "\n".join(lines)
 
 

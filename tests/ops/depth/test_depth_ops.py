@@ -188,3 +188,9 @@ def test_cli_bad_budget_is_a_named_error(micro_run, tmp_path, capsys):
     assert "budget=1.2" in capsys.readouterr().err
     assert main(["depth-route", str(micro_run), "--method", "mod", "--out", str(tmp_path / "x")]) == 2
     assert "method" in capsys.readouterr().err
+
+
+def test_mcts_never_returns_worse_than_executing_everything_when_the_budget_allows_it():
+    table = {c: (1.0 if c == (1, 1, 1) else 0.0) for c in itertools.product((0, 1, 2), repeat=3)}
+    assert mcts(3, 3, table.__getitem__, simulations=1, c=0.5, rng=random.Random(0)) == (1, 1, 1)
+    assert mcts(3, 2, table.__getitem__, simulations=1, c=0.5, rng=random.Random(0)) != (1, 1, 1)

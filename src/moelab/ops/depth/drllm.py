@@ -7,7 +7,8 @@ repeat routers with layer configurations found by an offline search under a comp
    unmodified model's continuation loss minus the configuration's (higher is better). UCT selection
    (c = ``uct_c``), expansion of one untried action, a random feasible rollout to a full configuration,
    backup of the reward; ``simulations`` per window. The window's target is the best configuration
-   evaluated (ties: fewer layers), the paper's "accuracy-preserving or improving" paths under the budget.
+   evaluated (ties: fewer layers), the paper's "accuracy-preserving or improving" paths under the budget;
+   when the budget allows every layer, "execute all" is a candidate from the start.
    Our simplifications (documented): the paper's MCTS is length-aware with its own reward shaping and runs
    on task accuracy; ours scores the next-token loss of the window's continuation, and every evaluated
    configuration is cached and scored on all training windows in one batched pass (so trees share
@@ -54,6 +55,9 @@ def mcts(n_layers: int, cap: int, reward, *, simulations: int, c: float, rng: ra
     N: dict[tuple, int] = {}
     W: dict[tuple, float] = {}
     best, best_key = None, None
+    if n_layers <= cap:  # the unmodified path is always a candidate: the search keeps or improves on it
+        best = (1,) * n_layers
+        best_key = (reward(best), -n_layers)
     for _ in range(simulations):
         path, node = [()], ()
         while len(node) < n_layers:
