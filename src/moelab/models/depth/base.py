@@ -11,7 +11,10 @@ Causality and the KV cache. Per-sequence routers (Dr.LLM, MindSkip "sequence") r
 position of the forward) and, with a KV cache, decide on the first forward (the prefill) and keep that
 decision in ``KVCache.extra`` for every later token, so cached decoding equals re-running the full
 context with the same prefix (``generate`` with ``sliding_window`` past ``max_seq_len``: the window's first
-``prefix`` tokens decide, a documented approximation). Per-token routers (MindSkip "token", Duo) read each token's own hidden state.
+``prefix`` tokens decide, a documented approximation). Per-token routers (MindSkip "token", Duo) read each
+token's own hidden state. Without a prefix (a plain full-window forward, e.g. ``moelab eval``), a per-sequence
+router reads the whole window, so its one decision per block has seen the window's later tokens (not causal
+within the window); ``moelab depth-route`` scores continuations with prompt-only decisions.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def mcts(n_layers: int, cap: int, reward, *, simulations: int, c: float, rng: ra
                 node = node + (rng.choice(untried),)
                 path.append(node)
                 break
-            node = max((node + (a,) for a in acts), key=lambda ch: W[ch] / N[ch] + c * math.sqrt(math.log(N[path[-1]]) / N[ch]))
+            log_n = math.log(N[node])
+            node = max((node + (a,) for a in acts), key=lambda ch: W[ch] / N[ch] + c * math.sqrt(log_n / N[ch]))
             path.append(node)
         config = node
         while len(config) < n_layers:  # random feasible rollout
@@ -103,7 +104,8 @@ def router_inputs(model: nn.Module, data: Windows, targets: list[tuple[int, ...]
     feats = [[None] * len(targets) for _ in routers]
     seen: list[list[Tensor]] = [[] for _ in routers]
     hooks = [model.blocks[r.layer_index].register_forward_pre_hook(
-        lambda _b, args, r=r, out=seen[i]: out.append(r.pooled(args[0][:, : data.prompt_len]))) for i, r in enumerate(routers)]
+        lambda _b, args, r=r, out=seen[i]: out.append(r.pooled(args[0][:, : data.prompt_len])))
+        for i, r in enumerate(routers)]
     try:
         for conf in sorted(set(targets)):
             idx = [n for n, t in enumerate(targets) if t == conf]
@@ -163,6 +165,8 @@ class DrLLM:
         cap = cfg.budget * model.cfg.n_layers + 1e-9
         static = min((c for c in scores.cache if sum(c) <= cap), key=lambda c: float(scores(c).mean()))
         return {"configs_evaluated": len(scores.cache), "best_static_config": list(static),
-                "best_static_loss": float(scores(static).mean()), "target_layers_per_window": float(y.sum(1).float().mean()),
-                "target_action_freq": {a: float((y == k).float().mean()) for k, a in enumerate(("skip", "execute", "repeat"))},
+                "best_static_loss": float(scores(static).mean()),
+                "target_layers_per_window": float(y.sum(1).float().mean()),
+                "target_action_freq": {a: float((y == k).float().mean())
+                                       for k, a in enumerate(("skip", "execute", "repeat"))},
                 "search_loss": float(best.mean()), "base_loss": float(base.mean()), "router_focal_loss": final}

@@ -146,7 +146,8 @@ def oracle_features(model: nn.Module, data: Windows, pats, arg: Tensor, batch_si
         sel = arg == k
         rows = sel.any(1).nonzero().flatten()
         seen: list[list[Tensor]] = [[] for _ in range(n)]
-        hooks = [b.ffn_norm.register_forward_hook(lambda _m, _a, h, s=seen[i]: s.append(h)) for i, b in enumerate(model.blocks)]
+        hooks = [b.ffn_norm.register_forward_hook(lambda _m, _a, h, s=seen[i]: s.append(h))
+                 for i, b in enumerate(model.blocks)]
         try:
             with forcing(model, dict(enumerate(pats[k]))):
                 model(ids[rows])
