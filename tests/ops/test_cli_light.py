@@ -15,11 +15,12 @@ def test_static_names_match_the_registries():
 
 
 def test_static_help_listings_match_the_registries():
-    from moelab.cli import finetune, merge, prune, skip, upcycle
+    from moelab.cli import depth_route, finetune, merge, prune, skip, upcycle
+    from moelab.ops.depth import DEPTH_METHODS
     from moelab.ops.merge import MERGE_METHODS
     from moelab.ops.prune import PRUNE_CRITERIA
     from moelab.ops.skip import SKIP_METHODS
 
     for mod, reg in ((prune, PRUNE_CRITERIA), (merge, MERGE_METHODS), (skip, SKIP_METHODS), (upcycle, UPCYCLERS),
-                     (finetune, ADAPTERS)):
+                     (finetune, ADAPTERS), (depth_route, DEPTH_METHODS)):
         assert mod.LISTING == [(e.name, e.description, e.paper) for e in reg.entries()], mod.__name__

@@ -23,7 +23,7 @@ from moelab.errors import MoelabError
 
 # One entry per module of moelab.cli that adds subcommands (each owns its own file).
 COMMAND_MODULES: list[str] = ["routers", "analyze", "train", "route", "sweep", "reproduce", "reroute", "dist", "hf",
-                              "upcycle", "finetune", "prune", "merge", "skip", "compress_compare"]
+                              "upcycle", "finetune", "prune", "merge", "skip", "compress_compare", "depth_route"]
 
 
 class MoelabParser(argparse.ArgumentParser):

@@ -42,6 +42,9 @@ class ModelConfig:
     # Per-block MoE overrides: {"3": {"num_experts": 6}} gives block 3 its own MoEConfig fields
     # (pruned/merged/grown models, per-layer routers). Keys are block indices as strings (JSON).
     layer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Depth routing (moelab.models.depth; `moelab depth-route`): {"method": "drllm" | "router_tuning" | "duo",
+    # ...method options}; empty: every block runs once. Routers' weights are in the checkpoint.
+    depth: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_overrides = {str(k): dict(v) for k, v in (self.layer_overrides or {}).items()}

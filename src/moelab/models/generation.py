@@ -48,6 +48,7 @@ class KVCache:
         self.last_ids_B: Tensor | None = None
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        self.extra: dict = {}  # per-sequence state kept across steps (depth routers' decisions, moelab.models.depth)
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int | None = None) -> KVCache:
@@ -55,7 +56,8 @@ class KVCache:
         cfg = model.cfg
         cap = cfg.max_seq_len if capacity is None else int(check_range("capacity", capacity, low=1,
                                                                         high=cfg.max_seq_len))
-        return cls(cfg.n_layers, batch, cfg.n_heads, cfg.d_model // cfg.n_heads, cap)
+        slots = model.kv_slots() if hasattr(model, "kv_slots") else cfg.n_layers  # repeated blocks get a slot
+        return cls(slots, batch, cfg.n_heads, cfg.d_model // cfg.n_heads, cap)
 
     def check_room(self, new: int) -> None:
         if self.length + new > self.capacity:

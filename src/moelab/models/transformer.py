@@ -208,11 +208,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe is not None
         self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff_dense)
+        self.depth = None  # a depth router (moelab.models.depth) that decides how this block runs; None: always run
 
     def forward(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, ctx: RoutingContext,
                 kv_cache=None) -> Tensor:
-        kv = None if kv_cache is None else (kv_cache, self.layer_index)
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LDh, sin_LDh, kv)
+        if self.depth is not None:
+            return self.depth(self, x_BLD, cos_LDh, sin_LDh, ctx, kv_cache)
+        return self.ffn_residual(self.attn_residual(x_BLD, cos_LDh, sin_LDh, kv_cache), ctx)
+
+    def attn_residual(self, x_BLD: Tensor, cos_LDh: Tensor, sin_LDh: Tensor, kv_cache=None,
+                      slot: int | None = None) -> Tensor:
+        """``x + attn(norm(x))``; ``slot``: the KV-cache slot (default the block's index; a repeated pass uses another)."""
+        kv = None if kv_cache is None else (kv_cache, self.layer_index if slot is None else slot)
+        return x_BLD + self.attn(self.attn_norm(x_BLD), cos_LDh, sin_LDh, kv)
+
+    def ffn_residual(self, x_BLD: Tensor, ctx: RoutingContext) -> Tensor:
+        """``x + ffn(norm(x))`` (an inner-residual MoE layer returns its output alone)."""
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
             B, L, D = h_BLD.shape
@@ -256,6 +267,10 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if cfg.depth:  # depth routers (moelab.models.depth): built from the config, their weights load with the rest
+            from moelab.models.depth import install_depth
+
+            install_depth(self, cfg.depth)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -276,6 +291,10 @@ class MoETransformer(nn.Module):
         self.final_norm.weight.fill_(1.0)
 
     # ------------------------------------------------------------------ structure
+    def kv_slots(self) -> int:
+        """KV-cache slots: one per block, plus one per block whose depth router may repeat it."""
+        return self.cfg.n_layers + sum(getattr(b.depth, "repeats", False) for b in self.blocks)
+
     def moe_layers(self) -> Iterator[tuple[int, nn.Module]]:
         """Yield ``(block index, MoE layer)`` for every MoE block."""
         for block in self.blocks:
@@ -382,7 +401,9 @@ class MoETransformer(nn.Module):
         room = min(self.cfg.max_seq_len, L0 + max_new_tokens - 1)  # the last new token is never fed back
         cache = gen.KVCache.for_model(self, B, room) if use_cache and 0 < max_new_tokens and L0 <= room else None
         sample = partial(gen.sample_next, temperature=temperature, top_k=top_k, generator=generator)
-        with gen.untracked_moe_layers(self):
+        from moelab.models.depth import route_prefix  # per-sequence depth decisions read the prompt only
+
+        with gen.untracked_moe_layers(self), route_prefix(self, L0):
             return self._decode(input_ids_BL, max_new_tokens, cache, sample, eos_id)
 
     def _decode(self, ids_BL: Tensor, max_new_tokens: int, cache, sample, eos_id: int | None) -> Tensor:
