@@ -84,15 +84,10 @@ class KVCache:
 def untracked_moe_layers(model) -> Iterator[None]:
     """Turn off each MoE layer's ``last_stats``/``last_aux`` bookkeeping (``MoELayer.track_stats``) while
     decoding: statistics of one token per step are of no use and cost ~15% of a decode step."""
-    layers = [m for m in model.modules() if hasattr(m, "track_stats")]
-    before = [m.track_stats for m in layers]
-    for m in layers:
-        m.track_stats = False
-    try:
+    from moelab._patch import temporarily
+
+    with temporarily([m for m in model.modules() if hasattr(m, "track_stats")], "track_stats", False):
         yield
-    finally:
-        for m, b in zip(layers, before):
-            m.track_stats = b
 
 
 def check_generate_args(input_ids_BL, max_new_tokens, temperature, top_k, eos_id, vocab_size: int) -> None:

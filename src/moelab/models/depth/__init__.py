@@ -73,15 +73,10 @@ def depth_routers(model: nn.Module) -> list[nn.Module]:
 @contextmanager
 def route_prefix(model: nn.Module, n: int | None) -> Iterator[None]:
     """Per-sequence routers read only the first ``n`` positions (the prompt) while inside."""
-    routers = depth_routers(model)
-    before = [r.prefix for r in routers]
-    for r in routers:
-        r.prefix = n
-    try:
+    from moelab._patch import temporarily
+
+    with temporarily(depth_routers(model), "prefix", n):
         yield
-    finally:
-        for r, b in zip(routers, before):
-            r.prefix = b
 
 
 @contextmanager
