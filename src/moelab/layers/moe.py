@@ -126,32 +126,31 @@ class MoELayer(nn.Module):
         self.track_stats = True  # False: skip last_stats (and, without grad, last_aux): token-by-token decoding
 
     # ------------------------------------------------------------ bookkeeping, computed on first read
+    # (plain attributes written straight into __dict__: nn.Module.__setattr__ costs microseconds)
     @property
     def last_stats(self) -> dict[str, Any]:
-        pending = self.__dict__.get("_pending_stats")
-        if pending is not None:
-            self._pending_stats = None
-            self._last_stats = routing_stats(pending)
-        return self._last_stats
+        d = self.__dict__
+        if d.get("_pending_stats") is not None:
+            d["_last_stats"], d["_pending_stats"] = routing_stats(d["_pending_stats"]), None
+        return d["_last_stats"]
 
     @last_stats.setter
     def last_stats(self, value: dict[str, Any]) -> None:
-        self._pending_stats = None
-        self._last_stats = value
+        self.__dict__.update(_pending_stats=None, _last_stats=value)
 
     @property
     def last_aux(self) -> dict[str, Tensor]:
-        pending = self.__dict__.get("_pending_aux")
+        d = self.__dict__
+        pending = d.get("_pending_aux")
         if pending is not None:
-            self._pending_aux = None
+            d["_pending_aux"] = None
             with torch.no_grad():
-                self._last_aux = {n: v.detach() for n, v in self.balance(*pending).items()}
-        return self._last_aux
+                d["_last_aux"] = {n: v.detach() for n, v in self.balance(*pending).items()}
+        return d["_last_aux"]
 
     @last_aux.setter
     def last_aux(self, value: dict[str, Tensor]) -> None:
-        self._pending_aux = None
-        self._last_aux = value
+        self.__dict__.update(_pending_aux=None, _last_aux=value)
 
     def _balance_reads_only_routing(self) -> bool:
         """Whether ``balance`` is a pure function of (routing, ctx), so it may run later."""
@@ -160,17 +159,12 @@ class MoELayer(nn.Module):
 
     def _record(self, routing: RoutingResult, ctx: RoutingContext | None, aux: dict[str, Tensor] | None) -> None:
         """Set ``last_routing`` now; ``last_aux`` (``aux`` None: deferred) and ``last_stats`` lazily."""
-        self.last_routing = _detach_routing(routing)
-        if aux is not None:
-            self.last_aux = {n: v.detach() for n, v in aux.items()}
-        else:
-            self.last_aux = {}
-            self._pending_aux = (routing, ctx)
-        self.last_stats = {}
-        if self.track_stats:  # a snapshot of the bias: the optimizer step updates it in place
-            r = self.last_routing
-            b = r.selection_bias_E
-            self._pending_stats = r if b is None else replace(r, selection_bias_E=b.clone())
+        r = _detach_routing(routing)
+        b = r.selection_bias_E  # stats get a snapshot of the bias: the optimizer step updates it in place
+        self.__dict__.update(
+            last_routing=r, _last_stats={}, _last_aux={} if aux is None else {n: v.detach() for n, v in aux.items()},
+            _pending_aux=(routing, ctx) if aux is None else None,
+            _pending_stats=(r if b is None else replace(r, selection_bias_E=b.clone())) if self.track_stats else None)
 
     @property
     def block_residual(self) -> bool:
