@@ -233,6 +233,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; quick 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--note", default="", help="a line written under the title (e.g. 'under load')")
     ap.add_argument("--mem-cap-gib", type=float, default=4.0,
                     help="skip an HF experts implementation whose gathered expert weights would exceed this (GiB)")
     args = ap.parse_args()
@@ -251,7 +252,8 @@ def main() -> int:
         rows += r
     io = import_export_time(tf, args.quick)
     cols = ["model", "mode", "impl", "median_ms", "vs_fastest_hf", "fastest_hf", "max_abs_logit_diff"]
-    md = (f"# hf_interop{' (quick)' if args.quick else ''}\n\nbatch x seq = {sh['_batch']}, device {args.device}, "
+    md = (f"# hf_interop{' (quick)' if args.quick else ''}\n\n" + (f"{args.note}\n\n" if args.note else "") +
+          f"batch x seq = {sh['_batch']}, device {args.device}, "
           f"{rounds} interleaved rounds (medians)\n\n" + markdown_table(rows, cols) +
           f"\n\nImport / export of a {io['params'] / 1e6:.1f}M-parameter Mixtral-shaped random model: "
           f"import {io['import_s']:.1f} s, export {io['export_s']:.1f} s (first call of a fresh process, with "
@@ -263,7 +265,7 @@ def main() -> int:
     name = "hf_interop_quick" if args.quick else "hf_interop"
     write_results(name, {"machine": machine_info(args.device), "rows": rows, "import_export": io,
                          "batch": sh["_batch"], "rounds": rounds, "skipped": skipped,
-                         "mem_cap_gib": args.mem_cap_gib}, md)
+                         "mem_cap_gib": args.mem_cap_gib, "note": args.note}, md)
     return 0
 
 
