@@ -14,8 +14,8 @@ Run: ``python benchmarks/hf_interop.py`` (full; on quiet cores), ``--quick`` for
    gathered-weight memory (``gathered_weight_bytes``) exceeds ``--mem-cap-gib`` is skipped, and the
    reason is printed and recorded in the results (``skipped``).
 2. Import / export time of a ~100M-parameter random Mixtral-shaped model: ``moelab hf import`` (folder
-   -> run directory) and ``moelab hf export`` (run -> HF folder), wall-clock, one run each, with the
-   process's peak RSS growth during each (``ru_maxrss``, Linux KiB).
+   -> run directory) and ``moelab hf export`` (run -> HF folder), wall-clock, each in a fresh process
+   (first call, then a second one), with that process's peak RSS (``VmHWM``).
 
 Results: ``benchmarks/results/hf_interop{,_quick}.{json,md}``.
 """
@@ -157,7 +157,7 @@ def speed(tf, family: str, kw: dict, batch: tuple[int, int], vocab: int, rounds:
 
 def import_export_time(tf, quick: bool) -> dict:
     """Build and save the random model here; import and export each run in a fresh process (spawn)
-    so that its peak RSS (``ru_maxrss``) is its own: ``*_peak_rss_mib`` is the child's peak,
+    so that its peak RSS (``VmHWM``) is its own: ``*_peak_rss_mib`` is the child's peak,
     ``*_base_rss_mib`` its peak before the call (Python, torch, transformers, moelab imported)."""
     kw = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=96, num_local_experts=4, num_experts_per_tok=2) if quick else
@@ -208,6 +208,14 @@ def _timed_call(what: str, src: str, dst: str, threads: int) -> dict:
 
 
 def _max_rss_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` of /proc/self/status (the high-water mark of its own
+    address space; ``ru_maxrss`` of a spawned child also counts the parent's RSS at fork time)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
