@@ -25,6 +25,7 @@ The layer never adds the aux loss's *value* to the output; read it from ``last_a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from moelab.layers.config import MoEConfig
 from moelab.layers.dispatch import DISPATCHERS, DROP_POLICIES, apply_capacity, expert_capacity, pick_dispatcher
 from moelab.layers.experts import ExpertBank, SharedExperts
 from moelab.layers.routers import build_router
+from moelab.layers.routers.base import Router
 from moelab.layers.routing import RoutingContext, RoutingResult
 from moelab.layers.stats import routing_stats
 
@@ -86,6 +88,12 @@ class MoELayer(nn.Module):
     (detached RoutingResult), ``last_aux`` (name -> detached scalar: ``balance_losses`` plus the
     router's own ``routing.aux_losses``), ``last_stats`` (``routing_stats``).
 
+    ``last_stats`` is computed on its first read after the forward (from that forward's routing;
+    ``routing_stats`` costs several host syncs, and most forwards are never inspected), and so is
+    ``last_aux`` of a forward without grad when ``balance`` only reads the routing and context
+    (this class's ``balance``, the base ``Router.balance_losses``, ``aux_loss`` not ``"global"``).
+    The values are the same as computed eagerly.
+
     Seam: a router defining ``forward_layer(layer, x_TD, ctx) -> (y_TD, routing)`` computes the
     routed output itself (SMEAR, Chain-of-Experts); shared experts, balance losses and stats are
     still applied by the layer.
@@ -113,9 +121,50 @@ class MoELayer(nn.Module):
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.aux_loss_scale = 1.0
         self.last_routing: RoutingResult | None = None
-        self.last_aux: dict[str, Tensor] = {}
-        self.last_stats: dict[str, Any] = {}
+        self.last_aux = {}
+        self.last_stats = {}
         self.track_stats = True  # False: skip last_stats (and, without grad, last_aux): token-by-token decoding
+
+    # ------------------------------------------------------------ bookkeeping, computed on first read
+    # (plain attributes written straight into __dict__: nn.Module.__setattr__ costs microseconds)
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        d = self.__dict__
+        if d.get("_pending_stats") is not None:
+            d["_last_stats"], d["_pending_stats"] = routing_stats(d["_pending_stats"]), None
+        return d["_last_stats"]
+
+    @last_stats.setter
+    def last_stats(self, value: dict[str, Any]) -> None:
+        self.__dict__.update(_pending_stats=None, _last_stats=value)
+
+    @property
+    def last_aux(self) -> dict[str, Tensor]:
+        d = self.__dict__
+        pending = d.get("_pending_aux")
+        if pending is not None:
+            d["_pending_aux"] = None
+            with torch.no_grad():
+                d["_last_aux"] = {n: v.detach() for n, v in self.balance(*pending).items()}
+        return d["_last_aux"]
+
+    @last_aux.setter
+    def last_aux(self, value: dict[str, Tensor]) -> None:
+        self.__dict__.update(_pending_aux=None, _last_aux=value)
+
+    def _balance_reads_only_routing(self) -> bool:
+        """Whether ``balance`` is a pure function of (routing, ctx), so it may run later."""
+        return (type(self).balance is MoELayer.balance and self.cfg.aux_loss != "global"
+                and getattr(type(self.router), "balance_losses", None) is Router.balance_losses)
+
+    def _record(self, routing: RoutingResult, ctx: RoutingContext | None, aux: dict[str, Tensor] | None) -> None:
+        """Set ``last_routing`` now; ``last_aux`` (``aux`` None: deferred) and ``last_stats`` lazily."""
+        r = _detach_routing(routing)
+        b = r.selection_bias_E  # stats get a snapshot of the bias: the optimizer step updates it in place
+        self.__dict__.update(
+            last_routing=r, _last_stats={}, _last_aux={} if aux is None else {n: v.detach() for n, v in aux.items()},
+            _pending_aux=(routing, ctx) if aux is None else None,
+            _pending_stats=(r if b is None else replace(r, selection_bias_E=b.clone())) if self.track_stats else None)
 
     @property
     def block_residual(self) -> bool:
@@ -174,13 +223,21 @@ class MoELayer(nn.Module):
             y_TD = y_TD * self.cfg.routed_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        # generation (moelab.models.generation) turns track_stats off: no stats, no reporting-only aux values
-        aux = self.balance(routing, ctx) if self.track_stats or torch.is_grad_enabled() else {}
-        if aux and torch.is_grad_enabled():
+        y_TD, aux = self._attach_balance(y_TD, routing, ctx)
+        self._record(routing, ctx, aux)
+        return y_TD.reshape(x.shape).to(x.dtype)
+
+    def _attach_balance(self, y_TD: Tensor, routing: RoutingResult,
+                        ctx: RoutingContext | None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Balance losses onto ``y_TD``'s graph; the losses, or None when they are deferred to
+        the first read of ``last_aux`` (no grad, pure ``balance``)."""
+        grad = torch.is_grad_enabled()
+        if not grad:  # generation (moelab.models.generation) turns track_stats off: no reporting-only values
+            return y_TD, (None if self.track_stats and self._balance_reads_only_routing() else
+                          self.balance(routing, ctx) if self.track_stats else {})
+        aux = self.balance(routing, ctx)
+        if aux:
             total = sum(v.float() for v in aux.values())
             if total.requires_grad:
                 y_TD = AttachAuxLoss.apply(y_TD, total, self.aux_loss_scale)
-        self.last_aux = {n: v.detach() for n, v in aux.items()}
-        self.last_routing = _detach_routing(routing)
-        self.last_stats = routing_stats(self.last_routing) if self.track_stats else {}
-        return y_TD.reshape(x.shape).to(x.dtype)
+        return y_TD, aux

@@ -137,43 +137,44 @@ class TorchGroupedGemm:
         return _grouped_mm(g_SY.t(), a_SX, plan.offs_E)
 
 
+def ffn_forward(x_TD, w_S, w_gate_EFD, w_up_EFD, w_down_EDF, plan: Plan, gemm):
+    """``(y_TD, saved)``: the forward of :class:`GroupedFFN`; ``saved`` holds what its backward reads."""
+    tok = plan.token_S
+    x_SD = x_TD.index_select(0, tok)
+    Fh, D = w_up_EFD.shape[1], w_up_EFD.shape[2]
+    scale_hidden = Fh <= D
+    w_S1 = w_S.unsqueeze(1)
+    if w_gate_EFD is not None:
+        g_SF = gemm.mm_nt(x_SD, w_gate_EFD, plan)
+        u_SF = gemm.mm_nt(x_SD, w_up_EFD, plan)
+        a_SF = F.silu(g_SF)
+        h_SF = a_SF * u_SF
+    else:
+        g_SF = a_SF = None
+        u_SF = gemm.mm_nt(x_SD, w_up_EFD, plan)
+        h_SF = F.gelu(u_SF)
+    if scale_hidden:
+        hw_SF = h_SF * w_S1
+        o_SD, y_part = None, gemm.mm_nt(hw_SF, w_down_EDF, plan)
+    else:
+        hw_SF, o_SD = None, gemm.mm_nt(h_SF, w_down_EDF, plan)
+        y_part = o_SD * w_S1
+    y_TD = x_TD.new_zeros(plan.num_tokens, D).index_add_(0, tok, y_part)
+    return y_TD, (x_SD, g_SF, u_SF, a_SF, h_SF, hw_SF, o_SD, scale_hidden)
+
+
 class GroupedFFN(torch.autograd.Function):
     """y_TD = sum over slots s of w_s * FFN_{e_s}(x_{t_s}); slots already sorted by expert."""
 
     @staticmethod
     def forward(ctx, x_TD, w_S, w_gate_EFD, w_up_EFD, w_down_EDF, plan: Plan, gemm):  # type: ignore[override]
-        tok = plan.token_S
-        x_SD = x_TD.index_select(0, tok)
-        gated = w_gate_EFD is not None
-        Fh, D = w_up_EFD.shape[1], w_up_EFD.shape[2]
-        scale_hidden = Fh <= D
-        w_S1 = w_S.unsqueeze(1)
-        if gated:
-            g_SF = gemm.mm_nt(x_SD, w_gate_EFD, plan)
-            u_SF = gemm.mm_nt(x_SD, w_up_EFD, plan)
-            a_SF = F.silu(g_SF)
-            h_SF = a_SF * u_SF
-        else:
-            g_SF = None
-            u_SF = gemm.mm_nt(x_SD, w_up_EFD, plan)
-            a_SF = None
-            h_SF = F.gelu(u_SF)
-        if scale_hidden:
-            hw_SF = h_SF * w_S1
-            o_SD = gemm.mm_nt(hw_SF, w_down_EDF, plan)
-            ctx.hw_SF, ctx.o_SD = hw_SF, None
-            y_part = o_SD
-        else:
-            o_SD = gemm.mm_nt(h_SF, w_down_EDF, plan)
-            ctx.hw_SF, ctx.o_SD = None, o_SD
-            y_part = o_SD * w_S1
+        y_TD, saved = ffn_forward(x_TD, w_S, w_gate_EFD, w_up_EFD, w_down_EDF, plan, gemm)
         # Inputs go through save_for_backward (version checks); intermediates are ctx attributes
         # so that backward can free each one as soon as it is used (lower peak memory).
         ctx.save_for_backward(w_S, w_gate_EFD, w_up_EFD, w_down_EDF)
-        ctx.x_SD, ctx.g_SF, ctx.u_SF, ctx.a_SF, ctx.h_SF = x_SD, g_SF, u_SF, a_SF, h_SF
-        ctx.plan, ctx.gemm, ctx.scale_hidden = plan, gemm, scale_hidden
-        y_TD = x_TD.new_zeros(plan.num_tokens, D)
-        return y_TD.index_add_(0, tok, y_part)
+        ctx.x_SD, ctx.g_SF, ctx.u_SF, ctx.a_SF, ctx.h_SF, ctx.hw_SF, ctx.o_SD, ctx.scale_hidden = saved
+        ctx.plan, ctx.gemm = plan, gemm
+        return y_TD
 
     @staticmethod
     def backward(ctx, gy_TD):  # type: ignore[override]
@@ -237,15 +238,30 @@ class GroupedFFN(torch.autograd.Function):
         return dx_TD, dw_S, dwg, dwu, dwd, None, None
 
 
-@torch.compiler.disable  # runs eagerly under torch.compile: its data-dependent group sizes and the fp32
-# CPU grouped GEMM have no compile-time (fake tensor) support (torch 2.13 accepts only bf16 there)
-def grouped_ffn(x_TD: Tensor, routing: RoutingResult, experts, gemm) -> Tensor:
-    """Dropless sorted/grouped dispatch of the kept slots of ``routing``."""
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _grouped_ffn(x_TD: Tensor, routing: RoutingResult, experts, gemm) -> Tensor:
     r = routing.kept()
     if r.num_slots == 0:
         return x_TD.new_zeros(r.num_tokens, x_TD.shape[1]) + 0.0 * x_TD.sum()
     plan = make_plan(r)
     w_S = r.weight_S.to(x_TD.dtype).index_select(0, plan.slot_S)
-    return GroupedFFN.apply(
-        x_TD, w_S, experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF, plan, gemm
-    )
+    args = (x_TD, w_S, experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)
+    if not _needs_graph(*args):  # no autograd.Function, nothing saved: the same arithmetic
+        return ffn_forward(*args, plan, gemm)[0]
+    return GroupedFFN.apply(*args, plan, gemm)
+
+
+# runs eagerly under torch.compile: its data-dependent group sizes and the fp32 CPU grouped GEMM have
+# no compile-time (fake tensor) support (torch 2.13 accepts only bf16 there)
+_grouped_ffn_eager = torch.compiler.disable(_grouped_ffn)
+
+
+def grouped_ffn(x_TD: Tensor, routing: RoutingResult, experts, gemm) -> Tensor:
+    """Dropless sorted/grouped dispatch of the kept slots of ``routing`` (outside torch.compile the
+    ``compiler.disable`` wrapper, which costs a frame-evaluation hook per call, is skipped)."""
+    if torch.compiler.is_compiling():
+        return _grouped_ffn_eager(x_TD, routing, experts, gemm)
+    return _grouped_ffn(x_TD, routing, experts, gemm)

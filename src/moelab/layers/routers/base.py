@@ -60,6 +60,8 @@ class GateLinear(nn.Module):
             nn.init.zeros_(self.weight_ED)
 
     def forward(self, x_TD: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(x_TD.device.type):  # no context manager to enter (hot path)
+            return F.linear(x_TD.float(), self.weight_ED.float())
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.weight_ED.float())
 
