@@ -70,6 +70,12 @@ def test_killed_sweep_resumes_the_interrupted_run_and_skips_the_finished_one(mic
     # a second invocation trains nothing; a changed spec refuses to reuse the runs
     again = run_sweep(spec, sw, progress="off")
     assert again.finished == [] and sorted(again.skipped) == sorted(r.name for r in plan.runs)
+    # a run written before a config key existed (here: model.depth) is the same config: the key's default
+    saved = json.loads((a.run_dir / "config.json").read_text())
+    assert "depth" in saved["model"]
+    del saved["model"]["depth"]
+    (a.run_dir / "config.json").write_text(json.dumps(saved))
+    assert plan_sweep(spec, sw).runs[0].state == "done"
     spec.base["train.lr"] = 5e-3
     with pytest.raises(MoelabError, match=r"different config.*train.lr"):
         plan_sweep(spec, sw)

@@ -167,6 +167,18 @@ def _expected_config_dict(cfg) -> dict[str, Any]:
     return d
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the defaults of keys added to RunConfig since it was written (a run
+    trained before ``model.depth`` existed has no such key, and its value is the default); a config
+    that no longer parses is compared as it is (and then differs)."""
+    from moelab.train.config import RunConfig
+
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except Exception:  # noqa: BLE001 - the comparison reports the difference
+        return saved
+
+
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -238,7 +250,7 @@ def plan_sweep(spec: SweepSpec, sweep_dir: str | Path, *, allow_unfair: bool | N
         run_dir = sweep_dir / RUNS_DIR / rs.name
         state, step = run_state(run_dir)
         if state != "new":
-            saved = _read_json(run_dir / CONFIG_FILE) or {}
+            saved = _with_defaults(_read_json(run_dir / CONFIG_FILE) or {})
             saved.get("model", {}).pop("vocab_size", None)
             diff = _diff_keys(_expected_config_dict(cfg), saved)
             if diff:
