@@ -159,8 +159,8 @@ class Leaderboard:
             n.append(f"evaluation noise: bootstrap standard error of one run's val loss over its evaluation windows "
                      f"{min(se):.4f}–{max(se):.4f}; the same windows for every run, so a comparison carries only "
                      "the noise of the per-window differences: 'eval SE of diff' (the windows' bootstrap SE of the "
-                     "mean paired difference, which the spread over seeds does not contain; – where the runs "
-                     "predate per-window records).")
+                     "mean paired difference, which the spread over seeds does not contain; val loss only: – for "
+                     "another metric or where the runs predate per-window records).")
         return n
 
     def to_markdown(self) -> str:
